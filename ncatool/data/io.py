@@ -1,0 +1,253 @@
+"""Read and write images with their geometry.
+
+One module for every format ncatool touches. SimpleITK does the reading and writing (NIfTI, NRRD,
+MHA/MHD, PNG, JPG, BMP, TIFF), so geometry always follows one convention:
+
+* ``array`` is in SimpleITK's NumPy order: ``(Z, Y, X)`` for 3D, ``(Y, X)`` for 2D, with a trailing
+  component axis for vector images (e.g. RGB PNG: ``(Y, X, 3)``).
+* ``spacing`` and ``origin`` are in physical ``(x, y, z)`` order (millimetres), ``direction`` is the
+  row-major flattened direction-cosine matrix, exactly as SimpleITK reports them.
+
+Writes go to a temporary name in the destination folder and are then renamed, so a crash never
+leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ncatool.errors import NcaError
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+#: Extensions we read/write, longest first so ``.nii.gz`` wins over ``.gz``.
+VOLUME_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+PLANAR_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SUPPORTED_EXTENSIONS: tuple[str, ...] = VOLUME_EXTENSIONS + PLANAR_EXTENSIONS
+
+
+def split_extension(path: str | Path) -> tuple[str, str]:
+    """Split a file name into stem and a (possibly double) extension.
+
+    Args:
+        path: A file path such as ``case_001.nii.gz``.
+
+    Returns:
+        ``(stem, extension)`` with the extension lower-cased, e.g. ``("case_001", ".nii.gz")``;
+        extension is ``""`` for an unsupported suffix.
+    """
+    name = Path(path).name
+    lower = name.lower()
+    for ext in SUPPORTED_EXTENSIONS:
+        if lower.endswith(ext):
+            return name[: -len(ext)], ext
+    return Path(name).stem, ""
+
+
+def is_image_file(path: str | Path) -> bool:
+    """True if the file has an extension ncatool can read."""
+    return split_extension(path)[1] != "" and not Path(path).name.startswith(".")
+
+
+@dataclass
+class Image:
+    """An image array together with its physical geometry.
+
+    Attributes:
+        array: Pixel data, ``(Z, Y, X)`` or ``(Y, X)``, plus a trailing component axis for vector
+            images.
+        spacing: Voxel size in mm, ``(x, y[, z])``.
+        origin: Physical position of the first voxel, ``(x, y[, z])``.
+        direction: Flattened row-major direction cosines (4 values in 2D, 9 in 3D).
+        is_vector: True if the last array axis holds components (RGB etc.), not space.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+    is_vector: bool = False
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dimensions (2 or 3; 4 for a 4D file)."""
+        return len(self.spacing)
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """Shape of the spatial axes in array order."""
+        return tuple(self.array.shape[:-1] if self.is_vector else self.array.shape)
+
+    @property
+    def components(self) -> int:
+        """Number of components per pixel (3 for RGB, 1 for scalar)."""
+        return int(self.array.shape[-1]) if self.is_vector else 1
+
+    def with_array(self, array: np.ndarray, is_vector: bool | None = None) -> Image:
+        """A copy of this geometry with another array of the same spatial shape."""
+        return Image(
+            array=array,
+            spacing=self.spacing,
+            origin=self.origin,
+            direction=self.direction,
+            is_vector=self.is_vector if is_vector is None else is_vector,
+        )
+
+    @classmethod
+    def from_array(
+        cls,
+        array: np.ndarray,
+        spacing: tuple[float, ...] | None = None,
+        origin: tuple[float, ...] | None = None,
+        direction: tuple[float, ...] | None = None,
+        is_vector: bool = False,
+    ) -> Image:
+        """Wrap an array with default (identity) geometry where none is given."""
+        nd = array.ndim - (1 if is_vector else 0)
+        return cls(
+            array=array,
+            spacing=tuple(float(s) for s in (spacing or (1.0,) * nd)),
+            origin=tuple(float(o) for o in (origin or (0.0,) * nd)),
+            direction=tuple(float(d) for d in (direction or np.eye(nd).ravel())),
+            is_vector=is_vector,
+        )
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise NcaError("file does not exist", path)
+    if path.is_dir():
+        raise NcaError("is a folder, expected an image file", path)
+    if path.stat().st_size == 0:
+        raise NcaError("file is empty (0 bytes)", path)
+    if split_extension(path)[1] == "":
+        raise NcaError(
+            f"unsupported file type; supported: {', '.join(SUPPORTED_EXTENSIONS)}", path
+        )
+
+
+def read_image(path: str | Path) -> Image:
+    """Read an image file with its geometry.
+
+    Args:
+        path: A NIfTI, NRRD, MHA/MHD, PNG, JPG, BMP or TIFF file.
+
+    Returns:
+        The :class:`Image`; ``array`` in SimpleITK order (see module docstring).
+
+    Raises:
+        NcaError: The file is missing, empty, of an unsupported type or unreadable.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    _check_readable(path)
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        detail = next((line for line in first if "ERROR" in line or "rror" in line), "")
+        raise NcaError(f"cannot read image ({detail.strip() or 'unreadable or corrupt'})", path) from err
+    return _from_sitk(img)
+
+
+def _from_sitk(img: sitk.Image) -> Image:
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(img)
+    return Image(
+        array=array,
+        spacing=tuple(float(s) for s in img.GetSpacing()),
+        origin=tuple(float(o) for o in img.GetOrigin()),
+        direction=tuple(float(d) for d in img.GetDirection()),
+        is_vector=img.GetNumberOfComponentsPerPixel() > 1,
+    )
+
+
+def to_sitk(image: Image) -> sitk.Image:
+    """Convert an :class:`Image` to a ``SimpleITK.Image`` with the same geometry."""
+    import SimpleITK as sitk
+
+    array = image.array
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    if array.dtype == np.float16:
+        array = array.astype(np.float32)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=image.is_vector)
+    img.SetSpacing(tuple(float(s) for s in image.spacing))
+    img.SetOrigin(tuple(float(o) for o in image.origin))
+    img.SetDirection(tuple(float(d) for d in image.direction))
+    return img
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path that is renamed to ``path`` when the block succeeds.
+
+    The temporary name keeps the extension (SimpleITK picks the writer from it) and starts with a
+    dot so folder listings and globbing skip it. On error it is removed and ``path`` is untouched.
+
+    Args:
+        path: The final destination.
+
+    Yields:
+        The temporary path to write to.
+    """
+    path = Path(path)
+    _, ext = split_extension(path)
+    ext = ext or "".join(path.suffixes)
+    tmp = path.with_name(f".{path.name[: len(path.name) - len(ext)]}.tmp-{uuid.uuid4().hex[:8]}{ext}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_image(image: Image, path: str | Path, compress: bool = True) -> Path:
+    """Write an image atomically (temporary name, then rename).
+
+    Args:
+        image: The image and its geometry.
+        path: Destination; the extension picks the format (``.nii.gz``, ``.nrrd``, ``.mha``, ``.png``).
+        compress: Use compression where the format supports it.
+
+    Returns:
+        The written path.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = to_sitk(image)
+    with atomic_path(path) as tmp:
+        try:
+            sitk.WriteImage(img, str(tmp), useCompression=compress)
+        except RuntimeError as err:
+            raise NcaError(f"cannot write image: {str(err).strip().splitlines()[-1]}", path) from err
+    return path
+
+
+def write_bytes_atomic(data: bytes, path: str | Path) -> Path:
+    """Write bytes to ``path`` through a temporary sibling and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    """Write text (UTF-8) to ``path`` through a temporary sibling and a rename."""
+    return write_bytes_atomic(text.encode("utf-8"), path)
