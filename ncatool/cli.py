@@ -53,7 +53,7 @@ def handle_user_errors(func: F) -> F:
 def _report(exc: BaseException, message: str) -> None:
     if state.debug:
         err.print_exception(show_locals=False)
-    err.print(f"[bold red]error:[/bold red] {escape(message)}")
+    err.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(USER_ERROR_EXIT_CODE) from None
 
 

@@ -1,0 +1,1 @@
+"""NCA models: the core automaton and task wrappers."""

@@ -1,0 +1,254 @@
+"""Segmentation tasks: ``seg2d`` (Med-NCA two-level, high-res) and ``seg3d`` (M3D-NCA).
+
+Both use :class:`ncatool.models.segmentation.SegmentationNCA` and differ only in defaults. ``seg2d``
+trains on 2D images, or on 2D slices of 3D volumes; ``seg3d`` on whole volumes with the top level on
+random patches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ncatool.config import TrainConfig
+from ncatool.errors import NcaError
+from ncatool.losses import SEG_LOSSES, make_seg_loss
+from ncatool.models.segmentation import SegmentationNCA, SegModelConfig, crop, probs_to_labels
+
+
+@dataclass(frozen=True)
+class SegConfig(TrainConfig):
+    """A segmentation run: data, model and loss (plus the loop settings of :class:`TrainConfig`)."""
+
+    data: str = ""  # nnU-Net raw dataset folder (DatasetNNN_Name)
+    dim: int = 2
+    channels: int = 16  # state channels: image + outputs + hidden
+    hidden: int = 128
+    levels: int = 2
+    scale: int = 4  # resolution factor between levels
+    steps: tuple[int, ...] = (64, 64)  # per level, coarsest first
+    kernels: tuple[int, ...] = (7, 3)  # learned perception kernel per level
+    filters: tuple[str, ...] = ("learned",)
+    fire_rate: float = 0.5
+    padding: str = "reflect"
+    patch: tuple[int, ...] = (0, 32)  # training patch per level (0 = whole); level 0 always whole
+    target_size: tuple[int, ...] | None = (64, 64)  # every case resized to this (None = keep)
+    normalization: str = "zscore"  # zscore | ct | minmax | none
+    zscore_nonzero: bool = False  # z-score statistics over nonzero voxels only (skull-stripped MRI)
+    ct_window: tuple[float, float] = (-1000.0, 400.0)
+    val_fraction: float = 0.2
+    augment: bool = True  # random flips on every axis and 90-degree in-plane rotations
+    slice_axis: int = 0  # 2D tasks on 3D volumes: slice along this array axis
+    loss: str = "dicefocal"  # dicefocal | dice | focal | bce
+    dice_weight: float = 1.0
+    focal_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Seg2DConfig(SegConfig):
+    """Med-NCA high-res defaults: 2 levels x 64 steps, 4x between levels, hidden 128."""
+
+    task: str = "seg2d"
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class Seg3DConfig(SegConfig):
+    """M3D-NCA defaults: 2 levels x 10 steps, hidden 64, top level on 32^3 patches."""
+
+    task: str = "seg3d"
+    dim: int = 3
+    hidden: int = 64
+    scale: int = 2
+    steps: tuple[int, ...] = (10, 10)
+    kernels: tuple[int, ...] = (7, 3)
+    patch: tuple[int, ...] = (0, 32)
+    target_size: tuple[int, ...] | None = (64, 64, 64)
+    batch_size: int = 2
+
+
+def check_seg_task_config(cfg: SegConfig) -> None:
+    """Reject inconsistent settings with a clear message.
+
+    Raises:
+        NcaError: On a bad value.
+    """
+    if not cfg.data:
+        raise NcaError(f"--data DATASET_DIR is required for task {cfg.task}")
+    if cfg.loss not in SEG_LOSSES:
+        raise NcaError(f"loss must be one of {SEG_LOSSES}, got {cfg.loss!r}")
+    if cfg.target_size is not None and len(cfg.target_size) != cfg.dim:
+        raise NcaError(f"target_size needs {cfg.dim} values for {cfg.task}, got {cfg.target_size}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise NcaError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+
+
+class SegmentationTask:
+    """Trains a :class:`SegmentationNCA` on an nnU-Net raw dataset.
+
+    Args:
+        cfg: The run config.
+        device: Training device.
+    """
+
+    score_name = "dice"
+
+    def __init__(self, cfg: SegConfig, device: torch.device) -> None:
+        from ncatool.data import datasets as ds
+
+        check_seg_task_config(cfg)
+        self.config = cfg
+        self.device = device
+        root = Path(cfg.data)
+        info = ds.dataset_info(root)
+        self.in_channels = int(info["num_channels"])
+        self.n_out = int(info["num_foreground"])
+        if self.n_out < 1:
+            raise NcaError("dataset.json defines no foreground label", root / "dataset.json")
+        if cfg.dim == 3 and int(info["dim"]) != 3:
+            raise NcaError("seg3d needs 3D volumes; this dataset holds 2D images (use seg2d)", root)
+        cases = ds.load_cases(root, split="train")
+        names = [c.name for c in cases]
+        train_names, val_names = ds.split_cases(names, cfg.val_fraction, cfg.seed)
+        by_name = {c.name: c for c in cases}
+        data_cfg = ds.DataConfig(
+            normalization=cfg.normalization,
+            zscore_nonzero=cfg.zscore_nonzero,
+            ct_window=cfg.ct_window,
+            target_size=cfg.target_size,
+            flip_axes=tuple(range(cfg.dim)) if cfg.augment else (),
+            rot90=cfg.augment,
+            val_fraction=cfg.val_fraction,
+            seed=cfg.seed,
+            slice_axis=cfg.slice_axis,
+        )
+        kind = ds.VolumeDataset if cfg.dim == 3 else ds.SliceDataset
+        n_classes = self.n_out + 1
+        self.train_set = kind([by_name[n] for n in train_names], data_cfg, train=True, num_classes=n_classes)
+        self.val_set = kind([by_name[n] for n in val_names], data_cfg, train=False, num_classes=n_classes)
+        if len(self.train_set) == 0:
+            raise NcaError("no training items (is the dataset empty?)", root)
+        self.patch = cfg.patch
+        self.loss_fn = make_seg_loss(cfg.loss, cfg.dice_weight, cfg.focal_weight)
+        self.split = {"train": list(train_names), "val": list(val_names)}
+
+    def model_config(self) -> SegModelConfig:
+        """The model shape for this dataset."""
+        cfg = self.config
+        return SegModelConfig(
+            dim=cfg.dim,
+            in_channels=self.in_channels,
+            n_out=self.n_out,
+            channels=cfg.channels,
+            hidden=cfg.hidden,
+            levels=cfg.levels,
+            scale=cfg.scale,
+            steps=cfg.steps,
+            kernels=cfg.kernels,
+            filters=cfg.filters,
+            fire_rate=cfg.fire_rate,
+            padding=cfg.padding,
+            patch=cfg.patch,
+        )
+
+    def build_model(self) -> nn.Module:
+        """A fresh :class:`SegmentationNCA`."""
+        try:
+            return SegmentationNCA(self.model_config())
+        except ValueError as err:
+            raise NcaError(f"invalid model settings: {err}") from err
+
+    def batches(self, epoch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Shuffled training batches ``(image (B, C, *S), target (B, K, *S))``."""
+        from ncatool.data.datasets import one_hot_foreground
+
+        self.train_set.set_epoch(epoch)
+        n = len(self.train_set)
+        iters = self.config.iters_per_epoch
+        order = torch.randint(0, n, (iters * batch_size,)) if iters > 0 else torch.randperm(n)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size].tolist()
+            items = [self.train_set[i] for i in idx]
+            image = torch.stack([it[0] for it in items]).to(self.device)
+            label = torch.stack([it[1] for it in items])
+            target = torch.stack([one_hot_foreground(lab, self.n_out + 1) for lab in label]).to(self.device)
+            yield image, target
+
+    def loss(
+        self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss on a batch; the target is cropped to the window the model ran on."""
+        image, target = batch
+        out = model(image, patch=self.patch, checkpoint_every=self.config.grad_checkpoint)
+        tgt = crop(target, out.window)
+        loss = self.loss_fn(out.logits, tgt)
+        with torch.no_grad():
+            dice = dice_score(out.logits.float() > 0, tgt > 0.5)
+        return loss, {"dice": dice}
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """Mean Dice per foreground label over validation items (whole images, no patches).
+
+        Items whose reference and prediction are both empty for a label are left out of that
+        label's mean (Dice undefined), as nnU-Net and MONAI do.
+        """
+        items = self.val_set if len(self.val_set) else self.train_set
+        per_label: list[list[float]] = [[] for _ in range(self.n_out)]
+        for i in range(len(items)):
+            image, label = items[i]
+            probs = model.predict_proba(image[None].to(self.device))  # type: ignore[operator]
+            pred = probs_to_labels(probs)[0].cpu()
+            for k in range(self.n_out):
+                d = _dice_or_nan(pred == k + 1, label == k + 1)
+                if not math.isnan(d):
+                    per_label[k].append(d)
+        means = [sum(v) / len(v) if v else float("nan") for v in per_label]
+        finite = [m for m in means if not math.isnan(m)]
+        out = {"dice": sum(finite) / len(finite) if finite else float("nan")}
+        if self.n_out > 1:
+            out.update({f"dice_{k + 1}": m for k, m in enumerate(means)})
+        return out
+
+    def save_samples(self, model: nn.Module, path: Path) -> None:
+        """Image, ground truth and prediction side by side for a few validation items."""
+        from ncatool.plots import save_segmentation_panel
+
+        items = self.val_set if len(self.val_set) else self.train_set
+        rows = []
+        for i in range(min(self.config.samples, len(items))):
+            image, label = items[i]
+            probs = model.predict_proba(image[None].to(self.device))  # type: ignore[operator]
+            rows.append((image.cpu(), label, probs_to_labels(probs)[0].cpu()))
+        save_segmentation_panel(rows, path, n_labels=self.n_out)
+
+    def reduce_memory(self) -> str | None:
+        """Halve the training patches of levels above 0 (not below 8 voxels)."""
+        smaller = tuple(p if i == 0 or p == 0 else max(8, p // 2) for i, p in enumerate(self.patch))
+        if smaller == self.patch or all(p == 0 for p in self.patch[1:]):
+            return None
+        self.patch = smaller
+        return f"training patch reduced to {smaller}"
+
+    def extra_state(self) -> dict[str, Any]:
+        """What predict/eval need besides weights: the model shape and the data split."""
+        return {"model": self.model_config().__dict__, "split": self.split}
+
+
+def dice_score(pred: torch.Tensor, ref: torch.Tensor) -> float:
+    """Dice over a whole batch of binary masks (1.0 when both are empty)."""
+    inter = (pred & ref).sum().item()
+    total = pred.sum().item() + ref.sum().item()
+    return 1.0 if total == 0 else 2.0 * inter / total
+
+
+def _dice_or_nan(pred: torch.Tensor, ref: torch.Tensor) -> float:
+    total = pred.sum().item() + ref.sum().item()
+    if total == 0:
+        return float("nan")
+    return 2.0 * (pred & ref).sum().item() / total

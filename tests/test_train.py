@@ -1,0 +1,208 @@
+"""The training loop: guards, checkpoints, exact resume, config, CLI smoke per task."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ncatool.cli import app
+from ncatool.config import build_config
+from ncatool.errors import NcaError
+from ncatool.tasks.segmentation import Seg2DConfig, SegmentationTask
+from ncatool.train import Trainer, load_checkpoint_file
+
+runner = CliRunner()
+TINY_2D = ["steps=4,4", "hidden=16", "channels=8", "target_size=16,16", "patch=0,8", "scale=2", "kernels=3,3"]
+TINY_3D = ["steps=3,3", "hidden=8", "channels=6", "target_size=12,12,12", "patch=0,8", "kernels=3,3"]
+
+
+def _task(ds: Path, **kw: object) -> SegmentationTask:
+    values = {"data": str(ds), "epochs": 2, "batch_size": 2, "samples": 0}
+    values.update(kw)
+    overrides = dict(item.split("=") for item in TINY_2D)
+    cfg = build_config(Seg2DConfig, {**overrides, **values})
+    return SegmentationTask(cfg, torch.device("cpu"))
+
+
+def test_nan_guard_skips_then_rolls_back(toy_dataset: Callable[..., Path], tmp_path: Path) -> None:
+    task = _task(toy_dataset(2), nan_patience=3, epochs=2, iters_per_epoch=4)
+    real_loss = task.loss
+    calls = {"n": 0}
+
+    def flaky(model: torch.nn.Module, batch: object) -> tuple[torch.Tensor, dict[str, float]]:
+        calls["n"] += 1
+        loss, logs = real_loss(model, batch)
+        # epoch 1 is clean (a checkpoint exists); all of epoch 2 is NaN
+        return (loss * float("nan"), logs) if calls["n"] > 4 else (loss, logs)
+
+    task.loss = flaky  # type: ignore[method-assign]
+    trainer = Trainer(task, tmp_path / "run", torch.device("cpu"))
+    summary = trainer.fit()
+    assert summary["nan_skips"] == 4
+    assert summary["rollbacks"] == 1
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(task.config.lr / 2)
+    good = load_checkpoint_file(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(t).all() for t in good["model"].values())
+
+
+def test_non_finite_model_is_never_checkpointed(toy_dataset: Callable[..., Path], tmp_path: Path) -> None:
+    trainer = Trainer(_task(toy_dataset(2)), tmp_path / "run", torch.device("cpu"))
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("inf"))
+    assert trainer.save_checkpoint("last") is None
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_oom_guard_halves_batch_then_gives_up(toy_dataset: Callable[..., Path], tmp_path: Path) -> None:
+    task = _task(toy_dataset(2), batch_size=4, epochs=1, iters_per_epoch=2)
+    real_loss = task.loss
+    seen: list[int] = []
+
+    def oom_when_big(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> object:
+        seen.append(batch[0].shape[0])
+        if batch[0].shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_loss(model, batch)
+
+    task.loss = oom_when_big  # type: ignore[method-assign]
+    trainer = Trainer(task, tmp_path / "run", torch.device("cpu"))
+    assert trainer.fit()["batch_size"] == 1
+    assert seen[:2] == [4, 2] and set(seen[2:]) == {1}
+
+    def always_oom(model: torch.nn.Module, batch: object) -> object:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")
+
+    task2 = _task(toy_dataset(2), batch_size=2, epochs=1)
+    task2.loss = always_oom  # type: ignore[method-assign]
+    with pytest.raises(NcaError, match="out of memory even at batch size 1"):
+        Trainer(task2, tmp_path / "run2", torch.device("cpu")).fit()
+    assert task2.patch == (0, 8)  # the patch was halved (16 -> 8 is the floor) before giving up
+
+
+def test_checkpoint_round_trip(toy_dataset: Callable[..., Path], tmp_path: Path) -> None:
+    task = _task(toy_dataset(2), epochs=1)
+    trainer = Trainer(task, tmp_path / "run", torch.device("cpu"))
+    trainer.fit()
+    other = Trainer(task, tmp_path / "other", torch.device("cpu"))
+    other.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    for (k, a), b in zip(trainer.model.state_dict().items(), other.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    assert other.state.epoch == 1
+    payload = load_checkpoint_file(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert payload["config"]["task"] == "seg2d" and payload["task_state"]["model"]["n_out"] == 1
+
+
+def _train_cmd(ds: Path, out: Path, epochs: int) -> list[str]:
+    cmd = [sys.executable, "-m", "ncatool", "-q", "train", "--task", "seg2d", "--data", str(ds)]
+    cmd += ["--out", str(out), "--epochs", str(epochs), "--batch-size", "2", "--seed", "3"]
+    for item in [*TINY_2D, "iters_per_epoch=3", "samples=0"]:
+        cmd += ["--set", item]
+    return cmd
+
+
+def test_sigkill_and_resume_equals_uninterrupted(toy_dataset: Callable[..., Path], tmp_path: Path) -> None:
+    ds = toy_dataset(2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    epochs = 8
+    full = tmp_path / "full"
+    subprocess.run(_train_cmd(ds, full, epochs), check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(ds, killed, epochs), env=env, stderr=subprocess.PIPE)
+    last = killed / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_at_kill = load_checkpoint_file(last)["run_state"]["epoch"]
+    assert done_at_kill < epochs, "the run finished before it could be killed"
+
+    resume = [sys.executable, "-m", "ncatool", "-q", "train", "--resume", str(killed)]
+    subprocess.run(resume, check=True, env=env, capture_output=True)
+    a = load_checkpoint_file(full / "checkpoints" / "last.pt")
+    b = load_checkpoint_file(last)
+    assert b["run_state"]["epoch"] == epochs
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    lines = (killed / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == list(range(1, epochs + 1))
+
+
+@pytest.mark.parametrize(("task", "dim", "tiny"), [("seg2d", 2, TINY_2D), ("seg3d", 3, TINY_3D)])
+def test_train_cli_smoke(
+    task: str, dim: int, tiny: list[str], toy_dataset: Callable[..., Path], tmp_path: Path
+) -> None:
+    ds = toy_dataset(dim, size=16)
+    out = tmp_path / "run"
+    args = ["train", "--task", task, "--data", str(ds), "--out", str(out), "--epochs", "2", "--json"]
+    for item in [*tiny, "samples=1"]:
+        args += ["--set", item]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["epochs"] == 2 and 0.0 <= summary["best_dice"] <= 1.0
+    for name in [
+        "config.json",
+        "metrics.jsonl",
+        "loss_curve.png",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        "samples/epoch_002.png",
+    ]:
+        assert (out / name).is_file(), name
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    # the saved config reproduces the run's settings
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["task"] == task and cfg["epochs"] == 2
+    again = runner.invoke(
+        app,
+        ["train", "--config", str(out / "config.json"), "--out", str(tmp_path / "again"), "--epochs", "1"],
+    )
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["steps"] == cfg["steps"]
+
+
+def test_toml_config_and_overrides(toy_dataset: Callable[..., Path], tmp_path: Path) -> None:
+    ds = toy_dataset(2, size=16)
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        f'task = "seg2d"\ndata = "{ds}"\n[model]\nsteps = [4, 4]\nhidden = 16\nchannels = 8\n'
+        "kernels = [3, 3]\nscale = 2\n[train]\nepochs = 3\ntarget_size = [16, 16]\npatch = [0, 8]\n"
+    )
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app, ["train", "--config", str(toml), "--out", str(out), "--epochs", "1", "--set", "hidden=12"]
+    )
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["epochs"] == 1 and cfg["hidden"] == 12 and cfg["steps"] == [4, 4]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--task", "nope"], "unknown task"),
+        (["--task", "seg2d", "--set", "bogus=1"], "bogus"),
+        (["--task", "seg2d", "--set", "steps=a,b"], "steps"),
+        (["--task", "seg2d"], "--data"),
+        (["--task", "seg2d", "--data", "/does/not/exist"], "/does/not/exist"),
+        (["--config", "/no/such.toml"], "/no/such.toml"),
+    ],
+)
+def test_train_bad_input_exit_2(args: list[str], needle: str, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), *args])
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "r" / "checkpoints").exists()
