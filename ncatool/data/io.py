@@ -131,9 +131,7 @@ def _check_readable(path: Path) -> None:
     if path.stat().st_size == 0:
         raise NcaError("file is empty (0 bytes)", path)
     if split_extension(path)[1] == "":
-        raise NcaError(
-            f"unsupported file type; supported: {', '.join(SUPPORTED_EXTENSIONS)}", path
-        )
+        raise NcaError(f"unsupported file type; supported: {', '.join(SUPPORTED_EXTENSIONS)}", path)
 
 
 def read_image(path: str | Path) -> Image:
