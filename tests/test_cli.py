@@ -37,11 +37,11 @@ def test_help_does_not_import_heavy_modules() -> None:
         "import sys\n"
         "from typer.testing import CliRunner\n"
         "from ncatool.cli import app\n"
-        "for args in (['--help'], *[[c, '--help'] for c in %r]):\n"
+        f"for args in (['--help'], *[[c, '--help'] for c in {COMMANDS!r}]):\n"
         "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
         "heavy = [m for m in ('torch', 'SimpleITK', 'matplotlib', 'nibabel', 'scipy', 'numpy') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
-    ) % (COMMANDS,)
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 
