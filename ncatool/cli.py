@@ -81,12 +81,21 @@ def main(
 
 def _register() -> None:
     # Imports here are light: each command module defers torch/SimpleITK/matplotlib to its body.
+    from ncatool.commands import bench as bench_cmd
     from ncatool.commands import mock_data, prepare, train, verify
 
     app.command("mock-data")(handle_user_errors(mock_data.mock_data))
     app.command("prepare")(handle_user_errors(prepare.prepare))
     app.command("verify")(handle_user_errors(verify.verify))
     app.command("train")(handle_user_errors(train.train))
+    app.command("bench")(handle_user_errors(bench_cmd.bench))
+    from ncatool.commands import evaluate, predict
+
+    app.command("predict")(handle_user_errors(predict.predict))
+    app.command("eval")(handle_user_errors(evaluate.evaluate))
+    from ncatool.commands import animate
+
+    app.command("animate")(handle_user_errors(animate.animate))
 
 
 _register()

@@ -50,6 +50,7 @@ class TrainConfig:
     grad_checkpoint: int = 0  # recompute chunks of this many NCA steps in backward; 0 disables
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     samples: int = 3  # validation cases drawn in samples/epoch_NNN.png
+    time_limit: float = 0.0  # minutes; stop after the epoch that reaches it (0 = no limit)
 
 
 def config_fields(cls: type) -> dict[str, Any]:

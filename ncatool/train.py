@@ -71,6 +71,9 @@ class Task(Protocol):
         """Shrink a task-side memory knob (e.g. patch size) once; describe it, or None if impossible."""
         ...
 
+    # Optional: ``extra_state() -> dict`` is stored in every checkpoint as ``task_state``, and
+    # ``load_extra_state(dict)`` gets it back on resume (e.g. a sample pool that must survive).
+
 
 def select_device(name: str) -> torch.device:
     """Resolve ``auto`` to cuda, mps or cpu; check an explicit device exists.
@@ -228,6 +231,8 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.state = RunState(**payload["run_state"])
+        if hasattr(self.task, "load_extra_state"):
+            self.task.load_extra_state(payload.get("task_state", {}))
 
     def resume(self) -> None:
         """Continue the run in ``run_dir`` from ``checkpoints/last.pt``.
@@ -246,6 +251,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(json.dumps(config_to_dict(cfg), indent=2) + "\n", self.run_dir / "config.json")
         progress = _Progress(enabled=not state.quiet)
+        started = time.perf_counter()
         with progress:
             epoch_bar = progress.add("epochs", total=cfg.epochs, completed=self.state.epoch)
             while self.state.epoch < cfg.epochs:
@@ -265,6 +271,9 @@ class Trainer:
                 self.save_checkpoint("last")
                 self._append_metrics(record)
                 progress.advance(epoch_bar, record)
+                if cfg.time_limit and time.perf_counter() - started >= 60.0 * cfg.time_limit:
+                    info(f"time limit of {cfg.time_limit:g} min reached after {epoch + 1} epochs")
+                    break
                 if cfg.early_stop and self.state.bad_validations >= cfg.early_stop:
                     info(
                         f"early stopping after {epoch + 1} epochs (no improvement in {cfg.early_stop} validations)"

@@ -206,3 +206,11 @@ def test_train_bad_input_exit_2(args: list[str], needle: str, tmp_path: Path) ->
     assert needle in result.stderr
     assert "Traceback" not in result.output
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_time_limit_stops_after_the_epoch_that_reaches_it(
+    toy_dataset: Callable[..., Path], tmp_path: Path
+) -> None:
+    task = _task(toy_dataset(2), epochs=5, time_limit=1e-6)
+    summary = Trainer(task, tmp_path / "run", torch.device("cpu")).fit()
+    assert summary["epochs"] == 1

@@ -8,7 +8,11 @@ from typing import Annotated, Any
 
 import typer
 
-TASK_HELP = "seg2d (Med-NCA 2D), seg3d (M3D-NCA 3D)."
+TASK_HELP = (
+    "seg2d (Med-NCA 2D), seg3d (M3D-NCA 3D), grow (Growing NCA; --data = target image, default the "
+    "shipped retina), digits (class-conditional digits; --data = MNIST IDX or NPZ, default the shipped "
+    "sklearn digits)."
+)
 
 
 def train(

@@ -14,6 +14,8 @@ from ncatool.errors import NcaError
 TASKS: dict[str, tuple[str, str, str]] = {
     "seg2d": ("ncatool.tasks.segmentation", "Seg2DConfig", "SegmentationTask"),
     "seg3d": ("ncatool.tasks.segmentation", "Seg3DConfig", "SegmentationTask"),
+    "grow": ("ncatool.tasks.growing", "GrowConfig", "GrowTask"),
+    "digits": ("ncatool.tasks.digits", "DigitsConfig", "DigitsTask"),
 }
 
 

@@ -1,0 +1,86 @@
+"""``ncatool bench``: cell-updates/s and peak memory of the NCA core against the naive reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def bench(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Small sizes and few steps (about a minute on 2 cores).")
+    ] = False,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda[:N].")] = "cpu",
+    repeats: Annotated[int, typer.Option("--repeats", "-r", min=1, help="Timed runs per implementation.")] = 3,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="Intra-op threads for both sides [default: cores].")
+    ] = None,
+    size2d: Annotated[int | None, typer.Option("--size2d", min=4, help="2D grid edge [64; quick 32].")] = None,
+    batch2d: Annotated[int | None, typer.Option("--batch2d", min=1, help="2D batch [8; quick 4].")] = None,
+    steps2d: Annotated[int | None, typer.Option("--steps2d", min=1, help="2D steps [64; quick 16].")] = None,
+    size3d: Annotated[
+        list[int] | None,
+        typer.Option("--size3d", min=4, help="3D volume edge, repeatable [32 and 64; quick 16 and 24]."),
+    ] = None,
+    batch3d: Annotated[int | None, typer.Option("--batch3d", min=1, help="3D batch [2; quick 1].")] = None,
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="Run only these kinds: infer2d, train2d, infer3d, train3d (repeatable)."),
+    ] = None,
+    variants: Annotated[
+        list[str] | None,
+        typer.Option("--variant", help="ncatool variants, repeatable: fp32, bf16, fp32+ckpt1, ..."),
+    ] = None,
+    no_memory: Annotated[bool, typer.Option("--no-memory", help="Skip the memory phase.")] = False,
+    no_timing: Annotated[bool, typer.Option("--no-timing", help="Skip the timing phase.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the JSON report here.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout.")] = False,
+) -> None:
+    """Time training and inference steps (cell-updates/s) and peak memory, 2D and 3D, for ncatool's
+    NCA core and the naive reference in benchmarks/ (its own plain-PyTorch subprocess), side by side.
+
+    Same sizes, steps, threads and weights on both sides; one warm-up, then alternating runs; medians.
+    """
+    import dataclasses
+    import json
+
+    from ncatool.bench import default_workloads, format_report, parse_variant, run_benchmarks
+    from ncatool.console import emit_json, err, info, state
+    from ncatool.errors import NcaError
+
+    workloads = default_workloads(quick, size2d, batch2d, steps2d, size3d, batch3d)
+    if only:
+        kinds = {k.strip() for item in only for k in item.split(",") if k.strip()}
+        unknown = kinds - {"infer2d", "train2d", "infer3d", "train3d"}
+        if unknown:
+            raise NcaError(f"unknown --only kind(s) {sorted(unknown)}")
+        workloads = [w for w in workloads if w.kind in kinds]
+    if variants:
+        chosen = tuple(v.strip() for item in variants for v in item.split(",") if v.strip())
+        for v in chosen:
+            parse_variant(v)
+        workloads = [dataclasses.replace(w, variants=chosen) for w in workloads]
+    report = run_benchmarks(
+        workloads,
+        repeats=repeats,
+        threads=threads,
+        device=device,
+        memory=not no_memory,
+        timing=not no_timing,
+        progress=None if state.quiet else info,
+    )
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if not state.quiet:
+        err.print(format_report(report))
+        for t in report["targets"]:
+            what = "speedup" if "speedup" in t else "memory"
+            value = t.get("speedup", t.get("memory"))
+            mark = "[green]met[/green]" if t["met"] else "[red]missed[/red]"
+            sign = ">=" if what == "speedup" else "<="
+            err.print(f"target {t['workload']} {t['variant']}: {what} {value:.2f} ({sign} {t['bound']}) {mark}")
+    if json_out:
+        emit_json(report)

@@ -1,0 +1,415 @@
+"""``grow``: Growing Neural Cellular Automata (Mordvintsev et al., Distill 2020; seed 001).
+
+An NCA learns to grow a target image from one live cell and to keep it (sample pool), optionally
+to regrow it after damage. Everything runs on the shared core (:class:`ncatool.models.nca.NCA` with
+alive masking on channel 3) and the one training loop.
+
+Target: any PNG/JPG/BMP/TIFF, or a slice of a NIfTI/NRRD/MHA volume (``data``; default the shipped
+``data/retina/retina_rgba_64.png``). RGBA is used as is; RGB or grayscale gets alpha 1 where the
+brightest channel exceeds ``alpha_threshold`` (holes filled), or where ``mask`` is nonzero. Colour is
+premultiplied by alpha, the image is fitted into ``img_size`` x ``img_size`` (aspect kept, centred)
+and ``padding`` transparent pixels are added on each side: the grid is ``img_size + 2 * padding``.
+
+One iteration (``iters_per_epoch`` per epoch): draw ``batch_size`` states from the pool, replace the
+worst (highest loss) by the seed, erase a random circle from the ``damage_n`` best when ``damage`` is
+on, run a number of steps drawn uniformly from ``steps = (lo, hi)`` (both inclusive), take ``loss``
+between the RGBA channels and the target, write the states back to the pool.
+
+Validation grows ``val_samples`` seeds for ``val_steps`` steps (fixed noise) and reports ``psnr``
+(dB, premultiplied RGBA clipped to [0, 1] against the target over the whole grid; the score),
+``psnr_long`` after as many steps again (persistence) and, with damage, ``psnr_regrow`` after a
+circle is erased from the grown states and they run ``val_steps`` more steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ncatool.config import TrainConfig
+from ncatool.errors import NcaError
+from ncatool.image_losses import canonical_loss_name, per_sample_loss, psnr
+from ncatool.models.filters import FIXED_FILTERS
+from ncatool.models.growing import ALPHA_CHANNEL, SamplePool, circle_masks, growing_nca_config, make_seed
+from ncatool.models.nca import NCA, PADDING_MODES
+
+#: The shipped repository ``data/`` folder (a source checkout; ``--data`` works anywhere).
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+DEFAULT_TARGET = DATA_DIR / "retina" / "retina_rgba_64.png"
+
+
+@dataclass(frozen=True)
+class GrowConfig(TrainConfig):
+    """A Growing NCA run (defaults as Growing NCA: 16 channels, hidden 128, pool 1024, batch 8)."""
+
+    task: str = "grow"
+    data: str = ""  # target image or volume; "" = the shipped retina (data/retina/retina_rgba_64.png)
+    mask: str = ""  # optional mask image for an RGB/grayscale target: alpha = mask > 0
+    alpha_threshold: float = 0.1  # no alpha and no mask: alpha = brightest channel (0..1) > this
+    fill_holes: bool = True  # fill holes of a thresholded/mask alpha (dark structures inside the body)
+    slice_axis: int = 0  # 3D target: array axis to slice along
+    slice_index: int = -1  # 3D target: slice number; -1 = the middle one
+    img_size: int = 40  # the target is fitted into img_size x img_size ...
+    padding: int = 16  # ... and padded by this many transparent pixels on each side
+    channels: int = 16  # RGB, alpha, hidden
+    hidden: int = 128
+    filter: str = "sobel"  # sobel | scharr | gaussian | laplacian | mean | learned; comma-separate to mix
+    fire_rate: float = 0.5
+    alive_threshold: float = 0.1
+    border: str = "zeros"  # how the perception sees beyond the grid: zeros | reflect | replicate | circular
+    steps: tuple[int, int] = (64, 96)  # NCA steps per iteration, drawn uniformly (inclusive)
+    pool_size: int = 1024
+    damage: bool = False  # erase random circles from the best pool samples (regeneration training)
+    damage_n: int = 3  # how many of the batch's lowest-loss samples get damaged
+    damage_radius: tuple[float, float] = (0.1, 0.4)  # circle radius range, grid spans [-1, 1]
+    loss: str = "L2"  # L1 | L2 | Manhattan | Hinge (see ncatool.image_losses)
+    hinge_margin: float = 0.02  # margin of the Hinge loss
+    val_steps: int = 0  # steps grown for validation; 0 = steps[1]
+    val_samples: int = 4  # seeds grown for validation
+    lr: float = 2e-3  # Growing NCA
+    epochs: int = 80  # 80 x 100 iterations = Growing NCA's 8000
+    iters_per_epoch: int = 100  # 0 = pool_size // batch_size
+    batch_size: int = 8
+
+
+class GrowBatch(NamedTuple):
+    """One training batch: pool entries, their (prepared) states and the number of steps."""
+
+    indices: torch.Tensor  # (B,)
+    states: torch.Tensor  # (B, C, H, W)
+    steps: int
+
+
+def parse_filters(spec: str) -> tuple[str, ...]:
+    """``"sobel"`` or ``"sobel,laplacian"`` → a tuple of filter names, checked.
+
+    Raises:
+        NcaError: An empty or unknown name.
+    """
+    names = tuple(n.strip().lower() for n in spec.split(",") if n.strip())
+    valid = (*FIXED_FILTERS, "learned")
+    bad = [n for n in names if n not in valid]
+    if not names or bad:
+        raise NcaError(f"filter must be one or more of {', '.join(valid)} (comma-separated), got {spec!r}")
+    return names
+
+
+def check_grow_config(cfg: GrowConfig) -> None:
+    """Reject inconsistent settings with a clear message.
+
+    Raises:
+        NcaError: On a bad value.
+    """
+    parse_filters(cfg.filter)
+    try:
+        canonical_loss_name(cfg.loss)
+    except ValueError as err:
+        raise NcaError(str(err)) from None
+    if cfg.channels < 5:
+        raise NcaError(f"channels must be >= 5 (RGB, alpha and at least one hidden), got {cfg.channels}")
+    if cfg.img_size < 1 or cfg.padding < 0:
+        raise NcaError(f"img_size must be >= 1 and padding >= 0, got {cfg.img_size} and {cfg.padding}")
+    lo, hi = cfg.steps
+    if not 1 <= lo <= hi:
+        raise NcaError(f"steps must be (lo, hi) with 1 <= lo <= hi, got {cfg.steps}")
+    if cfg.pool_size < cfg.batch_size:
+        raise NcaError(f"pool_size ({cfg.pool_size}) must be >= batch_size ({cfg.batch_size})")
+    if cfg.border not in PADDING_MODES:
+        raise NcaError(f"border must be one of {', '.join(PADDING_MODES)}, got {cfg.border!r}")
+    if not 0.0 < cfg.fire_rate <= 1.0:
+        raise NcaError(f"fire_rate must be in (0, 1], got {cfg.fire_rate}")
+    if cfg.damage_n < 0 or not 0.0 <= cfg.damage_radius[0] <= cfg.damage_radius[1]:
+        raise NcaError(f"damage_n must be >= 0 and damage_radius (min, max), got {cfg.damage_radius}")
+    if cfg.hinge_margin < 0:
+        raise NcaError(f"hinge_margin must be >= 0, got {cfg.hinge_margin}")
+    if cfg.val_steps < 0 or cfg.val_samples < 1:
+        raise NcaError("val_steps must be >= 0 and val_samples >= 1")
+
+
+# ------------------------------------------------------------------------------------------ target
+def _to_unit(array: np.ndarray, integer_max: bool) -> np.ndarray:
+    """Scale to [0, 1]: by the dtype's maximum for integer pixel formats, else min-max."""
+    a = array.astype(np.float64)
+    if integer_max and np.issubdtype(array.dtype, np.integer):
+        return a / float(np.iinfo(array.dtype).max)
+    lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def _read_plane(path: Path, slice_axis: int, slice_index: int) -> tuple[np.ndarray, bool]:
+    """A 2D plane ``(H, W[, K])`` of an image file and whether it is a planar (PNG/JPG...) format."""
+    from ncatool.data.io import PLANAR_EXTENSIONS, read_image, split_extension
+
+    img = read_image(path)
+    arr = img.array
+    spatial = len(img.spatial_shape)
+    if spatial == 3:
+        if img.is_vector:
+            raise NcaError("vector-valued 3D images are not supported as a growing target", path)
+        if not 0 <= slice_axis < 3:
+            raise NcaError(f"slice_axis must be 0, 1 or 2 for a 3D target, got {slice_axis}", path)
+        n = arr.shape[slice_axis]
+        idx = n // 2 if slice_index < 0 else slice_index
+        if not 0 <= idx < n:
+            raise NcaError(f"slice_index {slice_index} out of range: the volume has {n} slices", path)
+        arr = np.take(arr, idx, axis=slice_axis)
+    elif spatial != 2:
+        raise NcaError(f"expected a 2D image or a 3D volume, got {spatial} dimensions", path)
+    return arr, split_extension(path)[1] in PLANAR_EXTENSIONS
+
+
+def load_target(
+    path: str | Path,
+    img_size: int,
+    padding: int,
+    mask: str | Path = "",
+    alpha_threshold: float = 0.1,
+    fill_holes: bool = True,
+    slice_axis: int = 0,
+    slice_index: int = -1,
+) -> torch.Tensor:
+    """Read a growing target as premultiplied RGBA on the padded grid.
+
+    Args:
+        path: Image or volume file.
+        img_size: Side of the square the image is fitted into (aspect ratio kept, centred).
+        padding: Transparent border added on each side.
+        mask: Optional mask file of the same size: alpha = mask > 0 (for RGB/grayscale targets).
+        alpha_threshold: Without alpha or mask: alpha = brightest channel in [0, 1] > threshold.
+        fill_holes: Fill holes in a thresholded or mask alpha.
+        slice_axis: For a 3D volume, the array axis to slice.
+        slice_index: For a 3D volume, the slice (-1 = middle).
+
+    Returns:
+        ``(4, S, S)`` float32 in [0, 1] with ``S = img_size + 2 * padding``: premultiplied RGB, alpha.
+
+    Raises:
+        NcaError: Unreadable file, unsupported layout, mask of another size, empty alpha.
+    """
+    from scipy import ndimage
+
+    path = Path(path)
+    arr, planar = _read_plane(path, slice_axis, slice_index)
+    if arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4):
+        raise NcaError(f"expected 1-4 colour components, got {arr.shape[-1]}", path)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    unit = _to_unit(arr, integer_max=planar)
+    comps = unit.shape[-1]
+    has_alpha = comps in (2, 4) and not mask
+    colour = unit[..., : comps - 1] if comps in (2, 4) else unit
+    rgb = np.repeat(colour, 3, axis=-1) if colour.shape[-1] == 1 else colour
+    if has_alpha:
+        alpha = unit[..., -1]
+    else:
+        if mask:
+            marr, _ = _read_plane(Path(mask), slice_axis, slice_index)
+            marr = marr if marr.ndim == 2 else marr.max(-1)
+            if marr.shape != rgb.shape[:2]:
+                raise NcaError(f"mask has shape {marr.shape}, the target {rgb.shape[:2]}", Path(mask))
+            solid = marr > 0
+        else:
+            solid = rgb.max(-1) > alpha_threshold
+        if fill_holes:
+            solid = ndimage.binary_fill_holes(solid)
+        alpha = solid.astype(np.float64)
+    if not (alpha > 0).any():
+        raise NcaError(
+            "the target has no opaque pixel (alpha is 0 everywhere); lower alpha_threshold or pass a mask",
+            path,
+        )
+    rgba = np.concatenate([rgb * alpha[..., None], alpha[..., None]], axis=-1)
+    x = torch.from_numpy(np.ascontiguousarray(rgba.transpose(2, 0, 1))).float().unsqueeze(0)
+    h, w = x.shape[-2:]
+    scale = img_size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (img_size - nh) // 2, (img_size - nw) // 2
+    pads = (left + padding, img_size - nw - left + padding, top + padding, img_size - nh - top + padding)
+    return F.pad(x, pads)[0].clamp(0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------ pictures
+def rgba_to_rgb(rgba: torch.Tensor) -> np.ndarray:
+    """Premultiplied RGBA ``(4, H, W)`` over a white background → ``(H, W, 3)`` uint8."""
+    x = rgba.detach().float().cpu().clamp(0.0, 1.0)
+    rgb = 1.0 - x[3:4] + x[:3]
+    return (rgb.clamp(0.0, 1.0).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
+def save_image_grid(rows: Sequence[Sequence[np.ndarray]], path: Path, scale: int = 4, gap: int = 2) -> None:
+    """Write tiles ``(H, W, 3)`` or ``(H, W)`` uint8, row by row, as one PNG (atomically).
+
+    Rows may differ in length; tiles are enlarged ``scale`` times (nearest) on a white background.
+    """
+    from PIL import Image
+
+    from ncatool.data.io import atomic_path
+
+    rows = [list(r) for r in rows if len(r)]
+    if not rows:
+        return
+    th = max(t.shape[0] for r in rows for t in r) * scale
+    tw = max(t.shape[1] for r in rows for t in r) * scale
+    ncol = max(len(r) for r in rows)
+    canvas = np.full((len(rows) * (th + gap) + gap, ncol * (tw + gap) + gap, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, tile in enumerate(row):
+            t = tile if tile.ndim == 3 else np.repeat(tile[..., None], 3, axis=-1)
+            t = np.kron(t, np.ones((scale, scale, 1), dtype=np.uint8))
+            y, x = gap + i * (th + gap), gap + j * (tw + gap)
+            canvas[y : y + t.shape[0], x : x + t.shape[1]] = t
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Image.fromarray(canvas).save(tmp, format="PNG")
+
+
+def isolated_rng(device: torch.device) -> Any:
+    """Isolate validation noise from the training RNG streams."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+# ------------------------------------------------------------------------------------------ task
+class GrowTask:
+    """Trains a Growing NCA on one target image with a sample pool.
+
+    Args:
+        cfg: The run config.
+        device: Training device.
+    """
+
+    score_name = "psnr"
+
+    def __init__(self, cfg: GrowConfig, device: torch.device) -> None:
+        check_grow_config(cfg)
+        self.config = cfg
+        self.device = device
+        self.filters = parse_filters(cfg.filter)
+        self.loss_name = canonical_loss_name(cfg.loss)
+        target_path = Path(cfg.data) if cfg.data else DEFAULT_TARGET
+        if not cfg.data and not target_path.is_file():
+            raise NcaError(
+                "the shipped retina target is missing (not a source checkout?); pass --data", target_path
+            )
+        self.target = load_target(
+            target_path,
+            cfg.img_size,
+            cfg.padding,
+            cfg.mask,
+            cfg.alpha_threshold,
+            cfg.fill_holes,
+            cfg.slice_axis,
+            cfg.slice_index,
+        ).to(device)
+        size = self.target.shape[-1]
+        self.seed = make_seed(cfg.channels, size, size).to(device)
+        self.pool = SamplePool(self.seed, cfg.pool_size, device)
+        self.val_steps = cfg.val_steps or cfg.steps[1]
+
+    def build_model(self) -> nn.Module:
+        """A fresh Growing NCA on the shared core."""
+        cfg = self.config
+        try:
+            return NCA(
+                growing_nca_config(
+                    cfg.channels, cfg.hidden, self.filters, cfg.fire_rate, cfg.alive_threshold, cfg.border
+                )
+            )
+        except ValueError as err:
+            raise NcaError(f"invalid model settings: {err}") from err
+
+    def per_sample_loss(self, states: torch.Tensor) -> torch.Tensor:
+        """The configured loss of each state's RGBA against the target, ``(B,)``."""
+        rgba = states[:, : ALPHA_CHANNEL + 1]
+        return per_sample_loss(self.loss_name, rgba, self.target.expand_as(rgba), self.config.hinge_margin)
+
+    def batches(self, epoch: int, batch_size: int) -> Iterator[GrowBatch]:
+        """``iters_per_epoch`` pool batches (worst → seed, best damaged) with their step counts."""
+        cfg = self.config
+        n = cfg.iters_per_epoch or max(1, cfg.pool_size // batch_size)
+        damage_n = cfg.damage_n if cfg.damage else 0
+        lo, hi = cfg.steps
+        for _ in range(n):
+            idx, states = self.pool.sample(batch_size, self.per_sample_loss, damage_n, cfg.damage_radius)
+            steps = int(torch.randint(lo, hi + 1, (1,)).item())
+            yield GrowBatch(idx, states, steps)
+
+    def loss(self, model: nn.Module, batch: GrowBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Grow the batch, write it back to the pool, return the loss and the batch PSNR."""
+        out = model(batch.states, batch.steps, checkpoint_every=self.config.grad_checkpoint)
+        per = self.per_sample_loss(out)
+        self.pool.commit(batch.indices, out)
+        with torch.no_grad():
+            rgba = out[:, : ALPHA_CHANNEL + 1].detach()
+            value = psnr(rgba, self.target.expand_as(rgba), max_db=100.0).mean()
+        return per.mean(), {"psnr": float(value)}
+
+    def _grow(self, model: nn.Module, n: int, steps: int) -> torch.Tensor:
+        return model(self.seed.unsqueeze(0).repeat(n, 1, 1, 1), steps)
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """PSNR after ``val_steps`` from the seed, after twice as many, and after damage + regrowth."""
+        cfg = self.config
+        n = cfg.val_samples
+        with isolated_rng(self.device):
+            torch.manual_seed(cfg.seed)
+            grown = self._grow(model, n, self.val_steps)
+            longer = model(grown, self.val_steps)
+            tgt = self.target.expand(n, -1, -1, -1)
+
+            def score(x: torch.Tensor) -> float:
+                return float(psnr(x[:, : ALPHA_CHANNEL + 1], tgt, max_db=100.0).mean())
+
+            out = {
+                "psnr": score(grown),
+                "loss": float(self.per_sample_loss(grown.float()).mean()),
+                "psnr_long": score(longer),
+            }
+            if cfg.damage:
+                h, w = grown.shape[-2:]
+                hurt = grown * circle_masks(n, h, w, cfg.damage_radius, device=grown.device).to(grown.dtype)
+                out["psnr_regrow"] = score(model(hurt, self.val_steps))
+        return out
+
+    def save_samples(self, model: nn.Module, path: Path) -> None:
+        """Row 1: target, then growth from the seed; row 2: up to ``samples`` x 3 pool entries."""
+        cfg = self.config
+        with isolated_rng(self.device):
+            torch.manual_seed(cfg.seed)
+            x = self.seed.unsqueeze(0)
+            _, states = model(x, 2 * self.val_steps, return_states=True)
+        picks = sorted(
+            {s for s in (1, 8, 16, 32, 64, self.val_steps, 2 * self.val_steps) if s <= len(states)}
+        )
+        row1 = [rgba_to_rgb(self.target), *(rgba_to_rgb(states[s - 1][0, :4]) for s in picks)]
+        n_pool = min(len(self.pool), max(1, cfg.samples) * 3)
+        row2 = [rgba_to_rgb(self.pool.states[i, :4]) for i in range(n_pool)]
+        scale = max(1, 96 // self.target.shape[-1])
+        save_image_grid([row1, row2], path, scale=scale)
+
+    def reduce_memory(self) -> str | None:
+        """Nothing task-side to shrink (use grad_checkpoint or a smaller img_size)."""
+        return None
+
+    def extra_state(self) -> dict[str, Any]:
+        """Stored in every checkpoint: the model shape, the target and the sample pool (for resume)."""
+        cfg = self.config
+        nca = growing_nca_config(
+            cfg.channels, cfg.hidden, self.filters, cfg.fire_rate, cfg.alive_threshold, cfg.border
+        )
+        return {"model": nca.__dict__, "target": self.target.cpu(), "pool": self.pool.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the sample pool saved by :meth:`extra_state` (called on resume)."""
+        if "pool" in state:
+            try:
+                self.pool.load_state_dict(state["pool"])
+            except ValueError as err:
+                raise NcaError(f"cannot resume the sample pool: {err}") from err
