@@ -72,7 +72,8 @@ class Task(Protocol):
         ...
 
     # Optional: ``extra_state() -> dict`` is stored in every checkpoint as ``task_state``, and
-    # ``load_extra_state(dict)`` gets it back on resume (e.g. a sample pool that must survive).
+    # ``load_extra_state(dict)`` gets it back on resume. Its ``"resume"`` entry (e.g. a sample pool
+    # that must survive a resume) is written to ``last.pt`` only, keeping ``best.pt`` small.
 
 
 def select_device(name: str) -> torch.device:
@@ -209,6 +210,13 @@ class Trainer:
             "task_state": self.task.extra_state() if hasattr(self.task, "extra_state") else {},
         }
 
+    def _payload_for(self, name: str) -> dict[str, Any]:
+        """The payload of checkpoint ``name``; the task's ``resume`` state only goes into ``last``."""
+        payload = self.checkpoint_payload()
+        if name != "last":
+            payload["task_state"] = {k: v for k, v in payload["task_state"].items() if k != "resume"}
+        return payload
+
     def save_checkpoint(self, name: str) -> Path | None:
         """Write ``checkpoints/<name>.pt`` atomically; refuse a non-finite model.
 
@@ -221,7 +229,7 @@ class Trainer:
         path = self.ckpt_dir / f"{name}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
-            torch.save(self.checkpoint_payload(), tmp)
+            torch.save(self._payload_for(name), tmp)
         return path
 
     def load_checkpoint(self, path: Path) -> None:

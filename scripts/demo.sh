@@ -23,12 +23,29 @@ $NCA train --task seg3d --data "$OUT/nnUNet_raw/Dataset001_MockShapes" --out "$O
   --set target_size=32,32,32 --set patch=0,16 --set iters_per_epoch=4 --set val_fraction=0.2 \
   --json > "$OUT/train_summary.json"
 
+DS="$OUT/nnUNet_raw/Dataset001_MockShapes"
+echo "== 5. predict: masks with the input geometry, 4-run pseudo-ensemble with uncertainty"
+$NCA predict --checkpoint "$OUT/run_seg3d/checkpoints/best.pt" --input "$DS/imagesTr" \
+  --output "$OUT/predictions" --ensemble 4 --seed 0
+
+echo "== 6. eval: Dice, IoU, HD95... on the held-out validation cases"
+$NCA eval --checkpoint "$OUT/run_seg3d/checkpoints/best.pt" --data "$DS" --split val \
+  --output "$OUT/eval" --json > "$OUT/eval_summary.json"
+
+echo "== 7. animate: the segmentation evolving step by step (orthogonal slices)"
+first=$(ls "$DS/imagesTr" | head -n 1)
+$NCA animate --checkpoint "$OUT/run_seg3d/checkpoints/best.pt" --input "$DS/imagesTr/$first" \
+  --output "$OUT/seg3d.gif" --every 1 --fps 6
+
 echo
 echo "Artefacts:"
 echo "  mock data          $OUT/raw/"
 echo "  nnU-Net dataset    $OUT/nnUNet_raw/Dataset001_MockShapes/"
 echo "  run folder         $OUT/run_seg3d/ (config.json, metrics.jsonl, checkpoints/, loss_curve.png, samples/)"
 echo "  train summary      $OUT/train_summary.json"
+echo "  predictions        $OUT/predictions/ (CASE.nii.gz masks, CASE_std.nii.gz uncertainty)"
+echo "  evaluation         $OUT/eval/ (summary.json in nnU-Net layout, metrics.csv)"
+echo "  animation          $OUT/seg3d.gif"
 .venv/bin/python - "$OUT/train_summary.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))

@@ -399,17 +399,18 @@ class GrowTask:
         return None
 
     def extra_state(self) -> dict[str, Any]:
-        """Stored in every checkpoint: the model shape, the target and the sample pool (for resume)."""
+        """Stored in checkpoints: the model shape, the target, and (``last.pt`` only) the sample pool."""
         cfg = self.config
         nca = growing_nca_config(
             cfg.channels, cfg.hidden, self.filters, cfg.fire_rate, cfg.alive_threshold, cfg.border
         )
-        return {"model": nca.__dict__, "target": self.target.cpu(), "pool": self.pool.state_dict()}
+        return {"model": nca.__dict__, "target": self.target.cpu(), "resume": {"pool": self.pool.state_dict()}}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore the sample pool saved by :meth:`extra_state` (called on resume)."""
-        if "pool" in state:
+        pool = state.get("resume", {}).get("pool")
+        if pool is not None:
             try:
-                self.pool.load_state_dict(state["pool"])
+                self.pool.load_state_dict(pool)
             except ValueError as err:
                 raise NcaError(f"cannot resume the sample pool: {err}") from err
