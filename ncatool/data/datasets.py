@@ -22,7 +22,6 @@ Conventions:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ncatool.data.io import Image, read_image
+from ncatool.data.nnunet import read_dataset_json
 from ncatool.errors import NcaError
 
 #: Intensity normalisations understood by :func:`normalize`.
@@ -265,20 +265,6 @@ class CaseData:
         return Image(array=array, spacing=self.spacing, origin=self.origin, direction=self.direction)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise NcaError(
-            "dataset.json not found; expected an nnU-Net raw dataset folder (see `ncatool prepare`)", path
-        )
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise NcaError(f"invalid JSON ({err})", path) from err
-    if not isinstance(meta, dict):
-        raise NcaError("must contain a JSON object", path)
-    return meta
-
-
 def _parse_channel_names(meta: dict[str, Any], path: Path) -> dict[str, str]:
     channels = meta.get("channel_names", meta.get("modality"))
     if channels is None:
@@ -358,7 +344,7 @@ class NnUNetDataset:
         if not self.root.is_dir():
             raise NcaError("dataset folder does not exist", self.root)
         self.json_path = self.root / "dataset.json"
-        self.meta = _read_json(self.json_path)
+        self.meta = read_dataset_json(self.json_path.parent)
         self.channel_names = _parse_channel_names(self.meta, self.json_path)
         self.labels = _parse_labels(self.meta, self.json_path)
         ending = self.meta.get("file_ending")
