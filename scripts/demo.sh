@@ -19,8 +19,8 @@ $NCA verify "$OUT/nnUNet_raw/Dataset001_MockShapes"
 
 echo "== 4. train: M3D-NCA (seg3d), two levels, a short CPU run"
 $NCA train --task seg3d --data "$OUT/nnUNet_raw/Dataset001_MockShapes" --out "$OUT/run_seg3d" \
-  --epochs 30 --batch-size 2 --seed 0 \
-  --set target_size=32,32,32 --set patch=0,16 --set iters_per_epoch=4 --set val_fraction=0.2 \
+  --epochs 15 --batch-size 2 --seed 0 \
+  --set target_size=48,48,48 --set patch=0,24 --set iters_per_epoch=8 --set val_fraction=0.2 \
   --json > "$OUT/train_summary.json"
 
 DS="$OUT/nnUNet_raw/Dataset001_MockShapes"
@@ -46,8 +46,11 @@ echo "  train summary      $OUT/train_summary.json"
 echo "  predictions        $OUT/predictions/ (CASE.nii.gz masks, CASE_std.nii.gz uncertainty)"
 echo "  evaluation         $OUT/eval/ (summary.json in nnU-Net layout, metrics.csv)"
 echo "  animation          $OUT/seg3d.gif"
-.venv/bin/python - "$OUT/train_summary.json" <<'PY'
+.venv/bin/python - "$OUT/train_summary.json" "$OUT/eval_summary.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
+e = json.load(open(sys.argv[2]))["foreground_mean"]
 print(f"Final: best validation Dice {s['best_dice']:.4f} at epoch {s['best_epoch']} of {s['epochs']}")
+keys = ("Dice", "IoU", "precision", "recall", "HD95")
+print("Held-out cases (eval, foreground mean): " + ", ".join(f"{k} {e[k]:.3f}" for k in keys if k in e))
 PY
