@@ -192,7 +192,25 @@ def _rss_bytes() -> int:
         return 0
 
 
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0: ``5 > /proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _maxrss_bytes() -> int:
+    """Peak RSS since the last :func:`_reset_peak` (``VmHWM``), else the lifetime ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
     import sys
 
@@ -227,6 +245,10 @@ def serve() -> None:
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+            import gc
+
+            gc.collect()
+            reply["peak_reset"] = _reset_peak()
             before = _rss_bytes()
             t0, c0 = time.perf_counter(), time.process_time()
             run()

@@ -28,6 +28,7 @@ Memory
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -46,6 +47,12 @@ from ncatool.errors import NcaError
 MACS_GROWING = 16 * 2 * 9 + 48 * 128 + 128 * 16
 #: Targets from the performance issue: speed-up (fast / naive cell-updates/s) and memory ratio.
 TARGETS = {"train2d": ("speedup", 4.0), "infer2d": ("speedup", 6.0), "train3d": ("memory", 0.25)}
+#: The sizes the targets are defined for: (size, batch, steps) per kind.
+TARGET_SIZES = {
+    "train2d": [((64, 64), 8, (64,))],
+    "infer2d": [((64, 64), 8, (64,))],
+    "train3d": [((32, 32, 32), 2, (10, 10)), ((64, 64, 64), 2, (10, 10))],
+}
 _STRIP_ENV = ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD", "NCATOOL_MALLOPT")
 
 
@@ -81,9 +88,13 @@ class Workload:
 
     @property
     def label(self) -> str:
-        size = "x".join(str(s) for s in self.size)
+        """E.g. ``train2d 64^2 b8 s64`` or ``train3d 32^3 b2 s10+10``."""
         steps = "+".join(str(s) for s in self.steps)
-        return f"{self.kind} {size} b{self.batch} {steps} steps"
+        if len(set(self.size)) == 1:
+            size = f"{self.size[0]}^{self.dim}"
+        else:
+            size = "x".join(str(s) for s in self.size)
+        return f"{self.kind} {size} b{self.batch} s{steps}"
 
     @property
     def cell_updates(self) -> int:
@@ -129,7 +140,7 @@ def default_workloads(
     s2 = size2d or (32 if quick else 64)
     b2 = batch2d or (4 if quick else 8)
     n2 = steps2d or (16 if quick else 64)
-    s3 = list(sizes3d or ((16, 24) if quick else (32, 64)))
+    s3 = list(sizes3d or ((16,) if quick else (32, 64)))
     b3 = batch3d or (1 if quick else 2)
     n3 = (4, 4) if quick else (10, 10)
     out = [
@@ -137,7 +148,7 @@ def default_workloads(
         Workload("train2d", (s2, s2), b2, (n2,)),
         Workload("infer3d", (s3[-1],) * 3, b3, n3),
     ]
-    ckpt = ("fp32", "bf16", "fp32+ckpt1", "bf16+ckpt1")
+    ckpt = ("fp32", "bf16", "fp32+ckpt1") if quick else ("fp32", "bf16", "fp32+ckpt1", "bf16+ckpt1")
     for i, s in enumerate(s3):
         out.append(Workload("train3d", (s,) * 3, b3, n3, time=i == 0, variants=ckpt))
     return out
@@ -357,6 +368,10 @@ def serve() -> None:
             cuda = spec.get("device", "cpu").startswith("cuda")
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
+            import gc
+
+            gc.collect()
+            reply["peak_reset"] = ref._reset_peak()
             before = ref._rss_bytes()
             reply.update(_timed(run, spec.get("device", "cpu")))
             reply.update(rss_before=before, maxrss=ref._maxrss_bytes())
@@ -385,8 +400,10 @@ class _Worker:
         else:
             args = [sys.executable, "-m", "ncatool.bench", "--worker"]
             env["NCATOOL_BENCHMARKS_DIR"] = str(benchmarks_dir())
+        # stderr to a file, not a pipe: a chatty worker must not block on a full pipe
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in close())
         self.proc = subprocess.Popen(
-            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env
         )
 
     def request(self, **req: Any) -> dict[str, Any]:
@@ -398,8 +415,9 @@ class _Worker:
         except BrokenPipeError:
             line = ""
         if not line:
-            err = self.proc.stderr.read() if self.proc.stderr is not None else ""
-            raise NcaError(f"benchmark worker died: {err.strip()[-2000:]}")
+            self.proc.wait(timeout=30)
+            self.log.seek(0)
+            raise NcaError(f"benchmark worker died: {self.log.read().strip()[-2000:]}")
         reply: dict[str, Any] = json.loads(line)
         if not reply.get("ok"):
             raise NcaError(f"benchmark worker: {reply.get('error')}")
@@ -407,14 +425,13 @@ class _Worker:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(NcaError):
                 self.request(cmd="quit")
-            except NcaError:
-                pass
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        self.log.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -463,6 +480,7 @@ def run_benchmarks(
     timing: bool = True,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    settle: float = 1.0,
 ) -> dict[str, Any]:
     """Measure every workload for the naive reference and ncatool's variants.
 
@@ -475,6 +493,9 @@ def run_benchmarks(
         timing: Run the alternating timing phase.
         seed: Seed for weights and inputs.
         progress: Called with a short line before each step.
+        settle: Seconds to wait before each timed run. The OpenMP threads of the process that just
+            ran keep spinning for a while; without the pause they take a core from the next run
+            (measured: 64x64x8 inference 10 s instead of 0.2 s right after the other process).
 
     Returns:
         A JSON-ready dict: ``machine``, ``config``, ``results`` (one per workload and
@@ -521,11 +542,13 @@ def run_benchmarks(
                         _timed(run, device)
                     for r in range(repeats):
                         say(f"timing {w.label}: repeat {r + 1}/{repeats}")
+                        time.sleep(settle)
                         got = naive.request(cmd="run")
                         m = entry(w, "naive")
                         m.wall_s.append(got["wall"])
                         m.cpu_s.append(got["cpu"])
                         for v, run in fast.items():
+                            time.sleep(settle)
                             t = _timed(run, device)
                             m = entry(w, v)
                             m.wall_s.append(t["wall"])
@@ -574,8 +597,11 @@ def run_benchmarks(
                 {"workload": w.label, "kind": w.kind, "variant": v, "speedup": speed, "memory_ratio": mem}
             )
     targets = []
+    at_size = {
+        w.label for w in workloads if (tuple(w.size), w.batch, tuple(w.steps)) in TARGET_SIZES.get(w.kind, [])
+    }
     for kind, (what, bound) in TARGETS.items():
-        cands = [r for r in ratios if r["kind"] == kind]
+        cands = [r for r in ratios if r["kind"] == kind and r["workload"] in at_size]
         key = "speedup" if what == "speedup" else "memory_ratio"
         for r in cands:
             value = r[key]
@@ -598,7 +624,12 @@ def run_benchmarks(
             "load_after": _load(),
             "python": sys.version.split()[0],
         },
-        "config": {"repeats": repeats, "seed": seed, "workloads": [asdict(w) for w in workloads]},
+        "config": {
+            "repeats": repeats,
+            "seed": seed,
+            "settle_s": settle,
+            "workloads": [asdict(w) for w in workloads],
+        },
         "macs_per_cell_step_2d": MACS_GROWING,
         "results": rows,
         "ratios": ratios,
@@ -616,7 +647,16 @@ def format_report(report: dict[str, Any]) -> Any:
         f"load {mach['load_before']} -> {mach['load_after']} ({mach['cores']} cores)"
     )
     table = Table(title=title)
-    for col in ("workload", "impl", "M cell-upd/s", "median s", "cpu/wall", "peak MB", "speed-up", "mem ratio"):
+    for col in (
+        "workload",
+        "impl",
+        "M cell-upd/s",
+        "median s",
+        "cpu/wall",
+        "peak MB",
+        "speed-up",
+        "mem ratio",
+    ):
         table.add_column(col, justify="left" if col in ("workload", "impl") else "right")
     ratio = {(r["workload"], r["variant"]): r for r in report["ratios"]}
     for row in report["results"]:

@@ -147,6 +147,9 @@ def animate(
 
     Frames: the initial state, every --every steps, the last step (and the damage step): 1 + ceil(steps / every) without damage.
     """
+    from ncatool.perf import tune_process
+
+    tune_process()  # allocator settings before the heavy work (see ncatool/perf.py)
     from rich.markup import escape
 
     from ncatool.animate import animate as run_animate

@@ -13,18 +13,25 @@ def bench(
         bool, typer.Option("--quick", help="Small sizes and few steps (about a minute on 2 cores).")
     ] = False,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda[:N].")] = "cpu",
-    repeats: Annotated[int, typer.Option("--repeats", "-r", min=1, help="Timed runs per implementation.")] = 3,
+    repeats: Annotated[
+        int, typer.Option("--repeats", "-r", min=1, help="Timed runs per implementation.")
+    ] = 3,
     threads: Annotated[
-        int | None, typer.Option("--threads", min=1, help="Intra-op threads for both sides [default: cores].")
+        int | None,
+        typer.Option(
+            "--threads", min=1, help="Intra-op threads for both sides (default: PyTorch's, the core count)."
+        ),
     ] = None,
-    size2d: Annotated[int | None, typer.Option("--size2d", min=4, help="2D grid edge [64; quick 32].")] = None,
-    batch2d: Annotated[int | None, typer.Option("--batch2d", min=1, help="2D batch [8; quick 4].")] = None,
-    steps2d: Annotated[int | None, typer.Option("--steps2d", min=1, help="2D steps [64; quick 16].")] = None,
+    size2d: Annotated[
+        int | None, typer.Option("--size2d", min=4, help="2D grid edge (64; quick 32).")
+    ] = None,
+    batch2d: Annotated[int | None, typer.Option("--batch2d", min=1, help="2D batch (8; quick 4).")] = None,
+    steps2d: Annotated[int | None, typer.Option("--steps2d", min=1, help="2D steps (64; quick 16).")] = None,
     size3d: Annotated[
         list[int] | None,
-        typer.Option("--size3d", min=4, help="3D volume edge, repeatable [32 and 64; quick 16 and 24]."),
+        typer.Option("--size3d", min=4, help="3D volume edge, repeatable (32 and 64; quick 16)."),
     ] = None,
-    batch3d: Annotated[int | None, typer.Option("--batch3d", min=1, help="3D batch [2; quick 1].")] = None,
+    batch3d: Annotated[int | None, typer.Option("--batch3d", min=1, help="3D batch (2; quick 1).")] = None,
     only: Annotated[
         list[str] | None,
         typer.Option("--only", help="Run only these kinds: infer2d, train2d, infer3d, train3d (repeatable)."),
@@ -47,7 +54,7 @@ def bench(
     import json
 
     from ncatool.bench import default_workloads, format_report, parse_variant, run_benchmarks
-    from ncatool.console import emit_json, err, info, state
+    from ncatool.console import emit_json, err, info, state, warn
     from ncatool.errors import NcaError
 
     workloads = default_workloads(quick, size2d, batch2d, steps2d, size3d, batch3d)
@@ -71,16 +78,29 @@ def bench(
         timing=not no_timing,
         progress=None if state.quiet else info,
     )
+    mach = report["machine"]
+    if mach["load_before"] and mach["cores"] and max(mach["load_before"][0], mach["load_after"][0]) > 0.5:
+        warn(
+            f"other processes are running (load {mach['load_before'][0]} -> {mach['load_after'][0]} on "
+            f"{mach['cores']} cores): multi-threaded timings stall on a busy machine; compare ratios from "
+            "a quiet machine, or run with --threads 1"
+        )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if not state.quiet:
-        err.print(format_report(report))
+        from rich.console import Console
+
+        Console(stderr=True, highlight=False, width=max(err.width, 120)).print(format_report(report))
+        if not report["targets"]:
+            info("(the issue's targets are defined at the full sizes: run without --quick to check them)")
         for t in report["targets"]:
             what = "speedup" if "speedup" in t else "memory"
             value = t.get("speedup", t.get("memory"))
             mark = "[green]met[/green]" if t["met"] else "[red]missed[/red]"
             sign = ">=" if what == "speedup" else "<="
-            err.print(f"target {t['workload']} {t['variant']}: {what} {value:.2f} ({sign} {t['bound']}) {mark}")
+            err.print(
+                f"target {t['workload']} {t['variant']}: {what} {value:.2f} ({sign} {t['bound']}) {mark}"
+            )
     if json_out:
         emit_json(report)

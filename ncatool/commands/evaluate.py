@@ -87,6 +87,9 @@ def evaluate(
     grow and digits checkpoints (--checkpoint alone): the task's own validation
     (PSNR; digits: pixel accuracy and classifier recognition rate).
     """
+    from ncatool.perf import tune_process
+
+    tune_process()  # allocator settings before the heavy work (see ncatool/perf.py)
     from ncatool.console import emit_json, state
     from ncatool.errors import NcaError
     from ncatool.evaluate import (

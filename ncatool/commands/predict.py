@@ -80,6 +80,9 @@ def predict(
     grow and digits checkpoints need no --input: they write --samples PNGs
     (digits: per digit in --labels).
     """
+    from ncatool.perf import tune_process
+
+    tune_process()  # allocator settings before the heavy work (see ncatool/perf.py)
     from ncatool.console import debug, emit_json
     from ncatool.predict import predict as run_predict
 

@@ -47,6 +47,9 @@ def train(
     Writes config.json, metrics.jsonl, checkpoints/last.pt and best.pt, loss_curve.png and
     samples/epoch_NNN.png into the run folder.
     """
+    from ncatool.perf import tune_process
+
+    tune_process()  # allocator settings before the heavy work (see ncatool/perf.py)
     from ncatool.console import emit_json, info
 
     cli_values: dict[str, Any] = {

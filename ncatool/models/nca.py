@@ -11,12 +11,26 @@ One step::
     m   = rand(B, 1, *S) < fire_rate            # a cell updates with probability fire_rate
     x'  = x + dx * m                            # only the non-fixed channels
     x'  = x' * (alive(x) & alive(x'))           # optional (Growing NCA)
+
+How it runs (``NCA.step`` → ``_step_fast``; ``_step_reference`` is the plain version, kept for tests;
+measured on 2 CPU cores against ``benchmarks/reference_nca.py``, see ``benchmarks/README.md``):
+
+- the state lives channels-last, so cells are rows of a ``(cells, C)`` matrix and the 1x1 MLP is two
+  matrix products through oneDNN (``_linear``: 2-2.5x MKL's float32 ``addmm`` on these thin shapes);
+- the perception is one depthwise convolution per filter (channel multiplier 1: ~10x faster in
+  oneDNN than one grouped convolution with C*K outputs) and one concatenation;
+- on CPU only the cells that fire go through the MLP (gathered rows; half the work at fire rate
+  0.5); row counts are padded to a few fixed sizes so oneDNN reuses its kernels;
+- the MLP has a hand-written backward (``_CellMLP``); with gradient checkpointing each step is one
+  autograd node that keeps only its input and fire mask and recomputes the rest (``_RecomputeStep``);
+- the alive mask is a dilation of ``alpha > threshold`` (shifted ORs) instead of a max-pool.
+Results equal the plain step to float32 rounding, with the same random draws (tests/test_perf.py).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,7 +231,9 @@ def _onednn_linear_op() -> Any:
                 # fixed values: the probe must not draw from the global RNG (fire masks do)
                 a = torch.linspace(-1.0, 1.0, 40).view(8, 5)
                 w, b = torch.linspace(1.0, -0.5, 15).view(3, 5), torch.tensor([0.1, -0.2, 0.3])
-                if torch.allclose(op(a, w, b, "relu", [], ""), torch.relu(torch.addmm(b, a, w.t())), atol=1e-5):
+                if torch.allclose(
+                    op(a, w, b, "relu", [], ""), torch.relu(torch.addmm(b, a, w.t())), atol=1e-5
+                ):
                     _ONEDNN = op
             except (AttributeError, RuntimeError):
                 _ONEDNN = False
@@ -229,11 +245,86 @@ _ONEDNN: Any = None
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
     """``x @ w.T + b`` (then ReLU), with oneDNN on CPU where it works."""
-    op = _onednn_linear_op() if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) else None
+    op = (
+        _onednn_linear_op() if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) else None
+    )
     if op is not None:
         return op(x, w, b, "relu" if relu else "none", [], "")
     y = torch.addmm(b, x, w.t()) if b is not None else torch.mm(x, w.t())
     return y.relu_() if relu else y
+
+
+def _hidden(
+    rows: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, which: torch.Tensor | None
+) -> torch.Tensor:
+    """``relu(rows @ w0.T + bias)``; ``b0`` is ``(hidden,)``, or ``(B, hidden)`` picked per row by ``which``."""
+    if which is None:
+        return _linear(rows, w0, b0, relu=True)
+    return _linear(rows, w0, None).add_(b0.index_select(0, which)).relu_()
+
+
+def _mlp_backward(
+    grad: torch.Tensor,
+    rows: torch.Tensor,
+    h: torch.Tensor,
+    w0: torch.Tensor,
+    b0: torch.Tensor,
+    w1: torch.Tensor,
+    which: torch.Tensor | None,
+    needs: Sequence[bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``relu(rows @ w0.T + b0) @ w1.T`` for (rows, w0, b0, w1); ``h`` is overwritten."""
+    g_w1 = _weight_grad(grad, h) if needs[3] else None
+    gh = _linear(grad, w1.t().contiguous(), None)
+    torch.ops.aten.threshold_backward.grad_input(gh, h, 0, grad_input=gh)  # ReLU', in place
+    g_rows = _linear(gh, w0.t().contiguous(), None) if needs[0] else None
+    g_w0 = _weight_grad(gh, rows) if needs[1] else None
+    g_b0 = None
+    if needs[2]:
+        g_b0 = gh.sum(0) if which is None else torch.zeros_like(b0).index_add_(0, which, gh)
+    return g_rows, g_w0, g_b0, g_w1
+
+
+#: Rows per chunk in the recomputing backward: bounds its temporaries (hidden activations).
+_CHUNK_ROWS = 8192
+
+
+def _chunked_mlp_backward(
+    grad: torch.Tensor,
+    rows: torch.Tensor,
+    w0: torch.Tensor,
+    b0: torch.Tensor,
+    w1: torch.Tensor,
+    which: torch.Tensor | None,
+    needs: Sequence[bool],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The MLP's backward with the hidden layer recomputed, ``_CHUNK_ROWS`` rows at a time.
+
+    Returns:
+        ``(d rows, d w0, d b0, d w1)`` (None where ``needs`` = (w0, b0, w1) says not needed).
+    """
+    n = rows.shape[0]
+    if n <= _CHUNK_ROWS:
+        h = _hidden(rows, w0, b0, which)
+        g_rows, g_w0, g_b0, g_w1 = _mlp_backward(grad, rows, h, w0, b0, w1, which, (True, *needs))
+        assert g_rows is not None
+        return g_rows, g_w0, g_b0, g_w1
+    g_rows = rows.new_empty(n, w0.shape[1])
+    g_w0 = torch.zeros_like(w0) if needs[0] else None
+    g_b0 = torch.zeros_like(b0) if needs[1] else None
+    g_w1 = torch.zeros_like(w1) if needs[2] else None
+    for start in range(0, n, _CHUNK_ROWS):
+        part = slice(start, min(n, start + _CHUNK_ROWS))
+        sel = which[part] if which is not None else None
+        h = _hidden(rows[part], w0, b0, sel)
+        got = _mlp_backward(grad[part], rows[part], h, w0, b0, w1, sel, (True, *needs))
+        del h
+        assert got[0] is not None
+        g_rows[part] = got[0]
+        for acc, g in ((g_w0, got[1]), (g_b0, got[2]), (g_w1, got[3])):
+            if acc is not None and g is not None:
+                acc.add_(g)
+    return g_rows, g_w0, g_b0, g_w1
 
 
 class _CellMLP(torch.autograd.Function):
@@ -241,42 +332,44 @@ class _CellMLP(torch.autograd.Function):
 
     The hand-written backward keeps only the input rows and the hidden activations and runs the
     products through :func:`_linear`; autograd's version of the same ops spends ~2x longer in MKL and
-    in the ReLU mask. ``per_row_bias`` (conditioning) replaces ``b0`` when given.
+    in the ReLU mask. ``which`` (conditioning) picks a row of a ``(B, hidden)`` bias for each row.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, rows: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w1: torch.Tensor
+        ctx: Any,
+        rows: torch.Tensor,
+        w0: torch.Tensor,
+        b0: torch.Tensor,
+        w1: torch.Tensor,
+        which: torch.Tensor | None,
     ) -> torch.Tensor:
         with torch.autocast(rows.device.type, enabled=False):
-            if b0.dim() == 2:  # one bias per row
-                h = _linear(rows, w0, None).add_(b0).relu_()
-            else:
-                h = _linear(rows, w0, b0, relu=True)
+            h = _hidden(rows, w0, b0, which)
             out = _linear(h, w1, None)
-        ctx.save_for_backward(rows, w0, w1, h)
-        ctx.row_bias = b0.dim() == 2
+        ctx.save_for_backward(rows, w0, b0, w1, h)
+        ctx.which = which
         return out
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        rows, w0, w1, h = ctx.saved_tensors
+        rows, w0, b0, w1, h = ctx.saved_tensors
         grad = grad.contiguous().to(h.dtype)
         with torch.autocast(grad.device.type, enabled=False):
-            g_w1 = _weight_grad(grad, h) if ctx.needs_input_grad[3] else None
-            gh = _linear(grad, w1.t().contiguous(), None)
-            torch.ops.aten.threshold_backward.grad_input(gh, h, 0, grad_input=gh)  # ReLU', in place
-            g_rows = _linear(gh, w0.t().contiguous(), None) if ctx.needs_input_grad[0] else None
-            g_w0 = _weight_grad(gh, rows) if ctx.needs_input_grad[1] else None
-            g_b0 = (gh if ctx.row_bias else gh.sum(0)) if ctx.needs_input_grad[2] else None
-        return g_rows, g_w0, g_b0, g_w1
+            grads = _mlp_backward(grad, rows, h, w0, b0, w1, ctx.which, ctx.needs_input_grad[:4])
+        return (*grads, None)
 
 
 def _weight_grad(grad: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """``grad.T @ inputs``, a reduction over cells (MKL reads the transposes in place; oneDNN copies)."""
     return torch.mm(grad.t(), inputs)
+
+
+#: Devices where only the fired cells go through the MLP (gathered rows). Elsewhere (CUDA) every
+#: cell does and the update is multiplied by the fire mask: no host synchronisation per step.
+GATHER_DEVICES = {"cpu"}
 
 
 def _bucket(n: int) -> int:
@@ -339,6 +432,248 @@ def alive_mask(x: torch.Tensor, channel: int, threshold: float) -> torch.Tensor:
     return alive
 
 
+class _StepPlan:
+    """Everything one fast step needs besides the autograd graph: layout, dtypes, fire mask, weights.
+
+    Built once per step from the module and the input; :class:`_RecomputeStep` keeps it for the
+    backward pass (it holds the fire mask, so the recomputation sees the same cells fire).
+    """
+
+    def __init__(self, nca: NCA, x: torch.Tensor, cond: torch.Tensor | None) -> None:
+        cfg = nca.cfg
+        self.cfg = cfg
+        dim = cfg.dim
+        self.memory_format = torch.channels_last if dim == 2 else torch.channels_last_3d
+        x = x.contiguous(memory_format=self.memory_format)
+        self.x = x
+        self.batch, self.channels, self.spatial = x.shape[0], x.shape[1], tuple(x.shape[2:])
+        self.cells = x.numel() // self.channels
+        device = x.device
+        self.device_type = device.type
+        self.compute = _autocast_dtype(device) or x.dtype
+        # On CPU the depthwise convolutions are no faster in bf16; on GPUs they follow autocast.
+        self.conv_dtype = x.dtype if device.type == "cpu" else self.compute
+        kernels = nca.perception.depthwise()
+        self.radii = [r for _, _, r in kernels]
+        self.has_bias = [b is not None for _, b, _ in kernels]
+        self.kernel_tensors = [t for w, b, _ in kernels for t in ((w, b) if b is not None else (w,))]
+        self.to_rows = (0, *range(2, dim + 2), 1)
+
+        self.idx: torch.Tensor | None = None
+        self.idx_rows: torch.Tensor | None = None
+        self.mask_rows: torch.Tensor | None = None  # (cells, 1) fire mask when not gathering
+        self.fired = self.cells
+        if cfg.fire_rate < 1.0 and device.type not in GATHER_DEVICES:
+            # e.g. CUDA: a nonzero() per step would synchronise; multiply by the mask instead
+            mask = fire_mask((self.batch, 1, *self.spatial), cfg.fire_rate, device, x.dtype)
+            self.mask_rows = mask.reshape(self.cells, 1)
+        elif cfg.fire_rate < 1.0:
+            mask = fire_mask((self.batch, 1, *self.spatial), cfg.fire_rate, device, torch.bool)
+            idx = mask.reshape(-1).nonzero().squeeze(1)
+            self.fired = idx.numel()
+            # Pad the row count to a coarse multiple with copies of one row (their results are
+            # dropped): oneDNN builds a kernel per matrix shape, and the fired count changes every step.
+            n_rows = _bucket(self.fired)
+            if n_rows > self.fired and self.fired:
+                idx = torch.cat([idx, idx[:1].expand(n_rows - self.fired)])
+            self.idx_rows = idx
+            self.idx = idx[: self.fired]
+
+        order = nca.perception.fast_order
+        w0 = nca.rule.fc0.weight.flatten(1)  # (hidden, perception [+ cond])
+        n_feat = order.numel()
+        self.w0 = w0[:, :n_feat].index_select(1, order).to(self.compute)
+        b0 = nca.rule.fc0.bias
+        self.which: torch.Tensor | None = None
+        if cfg.cond_channels:
+            assert cond is not None
+            b0 = torch.addmm(b0, cond.to(w0.dtype), w0[:, n_feat:].t())  # (B, hidden)
+            which = torch.arange(self.batch, device=device).repeat_interleave(self.cells // self.batch)
+            self.which = which.index_select(0, self.idx_rows) if self.idx_rows is not None else which
+        self.b0 = b0.to(self.compute)
+        self.w1 = nca.rule.fc1.weight.flatten(1).to(self.compute)  # (C - k, hidden)
+
+    def blocks(self, x: torch.Tensor, kernel_tensors: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The perception's feature blocks ``x, filter 1, filter 2, ...``, each ``(B, C, *S)``, lazily."""
+        with torch.autocast(self.device_type, enabled=False):
+            xc = x.to(self.conv_dtype)
+            yield xc
+            padded: dict[int, torch.Tensor] = {}
+            for j in range(len(self.radii)):
+                yield self.filter_block(j, xc, kernel_tensors, padded)
+
+    def filter_block(
+        self,
+        j: int,
+        xc: torch.Tensor,
+        kernel_tensors: Sequence[torch.Tensor],
+        padded: dict[int, torch.Tensor],
+    ) -> torch.Tensor:
+        """Filter ``j``'s depthwise convolution of ``xc`` (``padded`` caches padded copies by radius)."""
+        conv = F.conv2d if self.cfg.dim == 2 else F.conv3d
+        start = sum(2 if b else 1 for b in self.has_bias[:j])
+        w = kernel_tensors[start].to(self.conv_dtype)
+        b = kernel_tensors[start + 1].to(self.conv_dtype) if self.has_bias[j] else None
+        radius = self.radii[j]
+        if self.cfg.padding == "zeros" or radius == 0:
+            return conv(xc, w, b, padding=radius, groups=self.channels)
+        if radius not in padded:
+            padded[radius] = _pad(xc, radius, self.cfg.padding)
+        return conv(padded[radius], w, b, groups=self.channels)
+
+    def kernel_slice(self, j: int) -> slice:
+        """Where filter ``j``'s weight (and bias) sit in ``kernel_tensors``."""
+        start = sum(2 if b else 1 for b in self.has_bias[:j])
+        return slice(start, start + (2 if self.has_bias[j] else 1))
+
+    def perceive(self, x: torch.Tensor, kernel_tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``[x | filter 1 | filter 2 | ...]`` as ``(B, F, *S)`` channels-last."""
+        feats = list(self.blocks(x, kernel_tensors))
+        return torch.cat(feats, dim=1) if len(feats) > 1 else feats[0]
+
+    def rows(self, p: torch.Tensor) -> torch.Tensor:
+        """The MLP's input rows: every cell, or the fired ones (padded to the bucket)."""
+        rows = p.permute(self.to_rows).reshape(self.cells, p.shape[1])
+        return rows.index_select(0, self.idx_rows) if self.idx_rows is not None else rows
+
+    def update(self, x: torch.Tensor, dx: torch.Tensor, alive: bool = True) -> torch.Tensor:
+        """``x`` plus the update of the fired cells (non-fixed channels), then alive masking."""
+        cfg = self.cfg
+        dim = cfg.dim
+        k = cfg.fixed_channels
+        dx = dx[: self.fired]
+        new = x.permute(self.to_rows).reshape(self.cells, self.channels).clone()
+        target = new[:, k:] if k else new
+        if self.idx is not None:
+            target.index_add_(0, self.idx, dx.to(new.dtype))
+        elif self.mask_rows is not None:
+            target.addcmul_(dx.to(new.dtype), self.mask_rows)
+        else:
+            target.add_(dx.to(new.dtype))
+        new = new.view(self.batch, *self.spatial, self.channels).permute(0, dim + 1, *range(1, dim + 1))
+        if alive and cfg.alive_channel is not None:
+            new = new * self.life(x, new).to(new.dtype)
+        return new
+
+    def life(self, x: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Alive before and after the step (Growing NCA)."""
+        cfg = self.cfg
+        assert cfg.alive_channel is not None
+        life = alive_mask(x, cfg.alive_channel, cfg.alive_threshold)
+        life &= alive_mask(new, cfg.alive_channel, cfg.alive_threshold)
+        return life
+
+
+class _RecomputeStep(torch.autograd.Function):
+    """One whole fast step as a single autograd node that keeps only its input and the fire mask.
+
+    Backward recomputes the perception and the MLP's hidden layer (the cheap parts) and runs the
+    hand-written MLP backward, so a training run stores one state per step (memory as gradient
+    checkpointing every step, without storing or replaying the RNG).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        plan: _StepPlan,
+        x: torch.Tensor,
+        w0: torch.Tensor,
+        b0: torch.Tensor,
+        w1: torch.Tensor,
+        *kernel_tensors: torch.Tensor,
+    ) -> torch.Tensor:
+        # block by block: the (cells, F) perception is never materialised, only the fired rows
+        rows = torch.cat([plan.rows(b) for b in plan.blocks(x, kernel_tensors)], dim=1).to(plan.compute)
+        with torch.autocast(plan.device_type, enabled=False):
+            h = _hidden(rows, w0, b0, plan.which)
+            del rows
+            dx = _linear(h, w1, None)
+            del h
+        new_pre = plan.update(x, dx, alive=False) if plan.cfg.alive_channel is not None else None
+        if new_pre is not None:
+            life = plan.life(x, new_pre)
+            new = new_pre * life.to(new_pre.dtype)
+            ctx.life = life
+        else:
+            new = plan.update(x, dx)
+            ctx.life = None
+        ctx.plan = plan
+        ctx.save_for_backward(x, w0, b0, w1, *kernel_tensors)
+        return new
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        plan: _StepPlan = ctx.plan
+        x, w0, b0, w1, *kernel_tensors = ctx.saved_tensors
+        needs = ctx.needs_input_grad  # (plan, x, w0, b0, w1, *kernels)
+        grad = grad.contiguous(memory_format=plan.memory_format)
+        if ctx.life is not None:
+            grad = grad * ctx.life.to(grad.dtype)
+        g_state = grad.permute(plan.to_rows).reshape(plan.cells, plan.channels)  # d new / d x = 1
+        k = plan.cfg.fixed_channels
+        g_dx = g_state[:, k:]
+        if plan.mask_rows is not None:
+            g_dx = g_dx * plan.mask_rows
+        if plan.idx is not None:
+            g_dx = g_dx.index_select(0, plan.idx)
+            n_rows = plan.idx_rows.numel() if plan.idx_rows is not None else plan.fired
+            if n_rows > plan.fired:
+                g_dx = torch.cat([g_dx, g_dx.new_zeros(n_rows - plan.fired, g_dx.shape[1])])
+        g_dx = g_dx.contiguous().to(plan.compute)
+
+        with torch.no_grad():
+            rows = torch.cat([plan.rows(b) for b in plan.blocks(x, kernel_tensors)], dim=1).to(plan.compute)
+        with torch.autocast(plan.device_type, enabled=False):
+            g_rows, g_w0, g_b0, g_w1 = _chunked_mlp_backward(g_dx, rows, w0, b0, w1, plan.which, needs[2:5])
+        del rows, g_dx
+
+        # the perception's backward, one block at a time (a block's gradient is never materialised
+        # for all blocks at once); the identity block is a scatter-add of its rows' gradient
+        c = plan.channels
+        kernel_needs = needs[5:]
+        g_kernels: list[torch.Tensor | None] = [None] * len(kernel_tensors)
+        g_x = None
+        if needs[1]:
+            g_x = g_state.clone()  # rows of d loss / d x, starting with the state's own path
+            g_id = g_rows[:, :c].to(g_x.dtype)
+            if plan.idx_rows is not None:
+                g_x.index_add_(0, plan.idx_rows, g_id)
+            else:
+                g_x.add_(g_id)
+        if needs[1] or any(kernel_needs):
+            padded: dict[int, torch.Tensor] = {}
+            with torch.enable_grad():
+                x_in = x.detach().requires_grad_(needs[1])
+                leaves = [
+                    t.detach().requires_grad_(bool(n))
+                    for t, n in zip(kernel_tensors, kernel_needs, strict=True)
+                ]
+                with torch.autocast(plan.device_type, enabled=False):
+                    xc = x_in.to(plan.conv_dtype)
+            for j in range(len(plan.radii)):
+                where = plan.kernel_slice(j)
+                mine = [t for t in leaves[where] if t.requires_grad]
+                inputs = ([x_in] if needs[1] else []) + mine
+                if not inputs:
+                    continue
+                with torch.enable_grad(), torch.autocast(plan.device_type, enabled=False):
+                    out = plan.rows(plan.filter_block(j, xc, leaves, padded))
+                g_out = g_rows[:, (j + 1) * c : (j + 2) * c].to(out.dtype)
+                got = list(torch.autograd.grad(out, inputs, g_out, retain_graph=j < len(plan.radii) - 1))
+                del out, g_out
+                if needs[1]:
+                    assert g_x is not None
+                    g_x.add_(got.pop(0).permute(plan.to_rows).reshape(plan.cells, c))
+                for i, t in zip(range(where.start, where.stop), leaves[where], strict=True):
+                    if t.requires_grad:
+                        g_kernels[i] = got.pop(0)
+        if g_x is not None:
+            g_x = g_x.view(plan.batch, *plan.spatial, c).permute(
+                0, plan.cfg.dim + 1, *range(1, plan.cfg.dim + 1)
+            )
+        return (None, g_x, g_w0, g_b0, g_w1, *g_kernels)
+
+
 class NCA(nn.Module):
     """A Neural Cellular Automaton in 2D or 3D.
 
@@ -357,6 +692,7 @@ class NCA(nn.Module):
             cfg.channels - cfg.fixed_channels,
             cfg.dim,
         )
+        self._recompute = False  # set by forward() while gradient checkpointing
 
     def step(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """One NCA step.
@@ -383,78 +719,17 @@ class NCA(nn.Module):
         - Only the cells that fire go through the MLP (rows gathered by the fire mask, drawn exactly
           as :func:`fire_mask` draws it); the others would be multiplied by 0. At fire rate 0.5 this
           halves the MLP's work, forward and backward.
+        - The MLP has a hand-written backward (:class:`_CellMLP`). With ``self._recompute`` (set by
+          :meth:`forward` for gradient checkpointing) the whole step is one autograd node that keeps
+          only its input state and the fire mask, and recomputes the rest in the backward pass
+          (:class:`_RecomputeStep`).
         """
-        cfg = self.cfg
-        dim = cfg.dim
-        memory_format = torch.channels_last if dim == 2 else torch.channels_last_3d
-        x = x.contiguous(memory_format=memory_format)
-        batch, channels, spatial = x.shape[0], x.shape[1], x.shape[2:]
-        cells = x.numel() // channels
-        device = x.device
-        compute = _autocast_dtype(device) or x.dtype
-        # On CPU the depthwise convolutions are no faster in bf16; on GPUs they follow autocast.
-        conv_dtype = x.dtype if device.type == "cpu" else compute
-        conv = F.conv2d if dim == 2 else F.conv3d
-        order = self.perception.fast_order
-        with torch.autocast(device.type, enabled=False):
-            xc = x.to(conv_dtype)
-            feats = [xc]
-            padded: dict[int, torch.Tensor] = {}
-            for weight, bias, radius in self.perception.depthwise():
-                w = weight.to(conv_dtype)
-                b = bias.to(conv_dtype) if bias is not None else None
-                if cfg.padding == "zeros" or radius == 0:
-                    feats.append(conv(xc, w, b, padding=radius, groups=channels))
-                else:
-                    if radius not in padded:
-                        padded[radius] = _pad(xc, radius, cfg.padding)
-                    feats.append(conv(padded[radius], w, b, groups=channels))
-            p = torch.cat(feats, dim=1) if len(feats) > 1 else xc
-        to_rows = (0, *range(2, dim + 2), 1)
-        rows = p.permute(to_rows).reshape(cells, p.shape[1])
-
-        idx = idx_rows = None
-        fired = cells
-        if cfg.fire_rate < 1.0:
-            mask = fire_mask((batch, 1, *spatial), cfg.fire_rate, device, torch.bool)
-            idx = mask.reshape(-1).nonzero().squeeze(1)
-            fired = idx.numel()
-            # Pad the row count to a coarse multiple with copies of one row (their results are
-            # dropped): oneDNN builds a kernel per matrix shape, and the fired count changes every step.
-            n_rows = _bucket(fired)
-            if n_rows > fired and fired:
-                idx_rows = torch.cat([idx, idx[:1].expand(n_rows - fired)])
-            else:
-                idx_rows = idx
-            rows = rows.index_select(0, idx_rows)
-
-        w0 = self.rule.fc0.weight.flatten(1)  # (hidden, perception [+ cond])
-        n_feat = order.numel()
-        w0_feat = w0[:, :n_feat].index_select(1, order).to(compute)
-        b0 = self.rule.fc0.bias
-        if cfg.cond_channels:
-            assert cond is not None
-            per_batch = torch.addmm(b0, cond.to(w0.dtype), w0[:, n_feat:].t())  # (B, hidden)
-            which = torch.arange(batch, device=device).repeat_interleave(cells // batch)
-            if idx_rows is not None:
-                which = which.index_select(0, idx_rows)
-            b0 = per_batch.index_select(0, which)
-        w1 = self.rule.fc1.weight.flatten(1).to(compute)  # (C - k, hidden)
-        dx = _CellMLP.apply(rows.to(compute), w0_feat, b0.to(compute), w1)[:fired]
-
-        k = cfg.fixed_channels
-        new = x.permute(to_rows).reshape(cells, channels).clone()
-        target = new[:, k:] if k else new
-        if idx is not None:
-            target.index_add_(0, idx, dx.to(new.dtype))
-        else:
-            target.add_(dx.to(new.dtype))
-        new = new.view(batch, *spatial, channels).permute(0, dim + 1, *range(1, dim + 1))
-        if cfg.alive_channel is not None:
-            life = alive_mask(x, cfg.alive_channel, cfg.alive_threshold)
-            life &= alive_mask(new, cfg.alive_channel, cfg.alive_threshold)
-            new = new * life.to(new.dtype)
-        return new
+        plan = _StepPlan(self, x, cond)
+        if getattr(self, "_recompute", False) and torch.is_grad_enabled():
+            return _RecomputeStep.apply(plan, plan.x, plan.w0, plan.b0, plan.w1, *plan.kernel_tensors)
+        rows = plan.rows(plan.perceive(plan.x, plan.kernel_tensors))
+        dx = _CellMLP.apply(rows.to(plan.compute), plan.w0, plan.b0, plan.w1, plan.which)
+        return plan.update(plan.x, dx)
 
     def _step_reference(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """The straightforward step (perceive, concatenate, 1x1 convolutions, mask): for tests."""
@@ -476,9 +751,15 @@ class NCA(nn.Module):
             new = new * (pre & post).to(new.dtype)
         return new
 
-    def _run(self, x: torch.Tensor, steps: int, cond: torch.Tensor | None) -> torch.Tensor:
-        for _ in range(steps):
-            x = self.step(x, cond)
+    def _run(
+        self, x: torch.Tensor, steps: int, cond: torch.Tensor | None, recompute: bool = False
+    ) -> torch.Tensor:
+        previous, self._recompute = getattr(self, "_recompute", False), recompute
+        try:
+            for _ in range(steps):
+                x = self.step(x, cond)
+        finally:
+            self._recompute = previous
         return x
 
     def forward(
@@ -506,10 +787,14 @@ class NCA(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last if self.cfg.dim == 2 else torch.channels_last_3d)
         use_ckpt = checkpoint_every > 0 and torch.is_grad_enabled() and not return_states
         if use_ckpt:
+            # Every step keeps only its input state and fire mask (_RecomputeStep); chunks of more
+            # than one step also drop the states inside the chunk (torch checkpoint, recomputed).
+            if checkpoint_every == 1:
+                return self._run(x, steps, cond, recompute=True).contiguous()
             done = 0
             while done < steps:
                 n = min(checkpoint_every, steps - done)
-                x = checkpoint(self._run, x, n, cond, use_reentrant=False)
+                x = checkpoint(self._run, x, n, cond, True, use_reentrant=False)
                 done += n
             return x.contiguous()
         if not return_states:

@@ -404,7 +404,11 @@ class GrowTask:
         nca = growing_nca_config(
             cfg.channels, cfg.hidden, self.filters, cfg.fire_rate, cfg.alive_threshold, cfg.border
         )
-        return {"model": nca.__dict__, "target": self.target.cpu(), "resume": {"pool": self.pool.state_dict()}}
+        return {
+            "model": nca.__dict__,
+            "target": self.target.cpu(),
+            "resume": {"pool": self.pool.state_dict()},
+        }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore the sample pool saved by :meth:`extra_state` (called on resume)."""

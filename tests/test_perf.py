@@ -1,0 +1,249 @@
+"""The fast NCA step equals the naive reference; bench report keys; process tuning helpers.
+
+No timing asserts here: speed is measured by ``ncatool bench`` (benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ncatool.models.nca as nca_module
+from ncatool import perf
+from ncatool.bench import (
+    Workload,
+    _import_reference,
+    growing_config,
+    parse_variant,
+    reference_state_dict,
+    run_benchmarks,
+    seg3d_config,
+)
+from ncatool.errors import NcaError
+from ncatool.models.nca import NCA, NCAConfig, alive_mask
+from ncatool.models.segmentation import SegmentationNCA
+
+ref = _import_reference()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> object:
+    """Tiny tensors: one thread avoids OpenMP barrier waits on a busy machine (and is as fast)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _growing_pair(fire_rate: float = 0.5, std: float = 0.05) -> tuple[NCA, torch.nn.Module]:
+    torch.manual_seed(0)
+    cfg = growing_config()
+    if fire_rate != cfg.fire_rate:
+        from dataclasses import replace
+
+        cfg = replace(cfg, fire_rate=fire_rate)
+    nca = NCA(cfg)
+    torch.nn.init.normal_(nca.rule.fc1.weight, std=std)
+    naive = ref.NaiveGrowingNCA(fire_rate=fire_rate)
+    naive.load_state_dict(reference_state_dict(nca))
+    return nca, naive
+
+
+def _grads_growing(nca: NCA, naive: torch.nn.Module, x: torch.Tensor, steps: int, every: int = 0) -> None:
+    """Both models' parameter gradients of the same loss, naive mapped into ncatool's layout."""
+    target = torch.rand_like(x[:, :4])
+    torch.manual_seed(5)
+    a = naive(x, steps)
+    ((a[:, :4] - target) ** 2).mean().backward()
+    torch.manual_seed(5)
+    b = nca(x, steps, checkpoint_every=every)
+    ((b[:, :4] - target) ** 2).mean().backward()
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    c = nca.cfg.channels
+    order = list(range(c)) + [c + 2 * i + 1 for i in range(c)] + [c + 2 * i for i in range(c)]
+    g_naive = naive.fc0.weight.grad
+    assert g_naive is not None and nca.rule.fc0.weight.grad is not None
+    torch.testing.assert_close(nca.rule.fc0.weight.grad[:, order], g_naive, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(nca.rule.fc0.bias.grad, naive.fc0.bias.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(nca.rule.fc1.weight.grad, naive.fc1.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fire_rate", [0.5, 1.0])
+def test_fast_path_matches_naive_reference_float32(fire_rate: float) -> None:
+    # Same weights, and the same RNG draws (both take torch.rand(B, 1, H, W) < fire_rate per step).
+    nca, naive = _growing_pair(fire_rate)
+    x = torch.rand(2, 16, 20, 20)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        a = naive(x, 8)
+        torch.manual_seed(3)
+        b = nca(x, 8)
+    assert not torch.allclose(a, x)  # the steps did something
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("every", [0, 1, 3])
+def test_fast_path_gradients_match_naive_reference(every: int) -> None:
+    nca, naive = _growing_pair(0.5)
+    _grads_growing(nca, naive, torch.rand(2, 16, 12, 12), steps=5, every=every)
+
+
+def test_fast_path_bf16_within_its_tolerance() -> None:
+    nca, naive = _growing_pair(0.5)
+    x = torch.rand(2, 16, 24, 24)
+    torch.manual_seed(3)
+    a = naive(x, 4).detach()
+    torch.manual_seed(3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        b = nca(x, 4)
+    assert b.dtype == torch.float32  # the state stays float32; only the products run in bf16
+    diff = (a - b).abs()
+    assert diff.norm() / a.norm() < 1e-2  # measured ~1e-3
+    assert diff.max() < 0.05  # measured ~4e-3
+
+
+def test_seg3d_matches_naive_reference() -> None:
+    torch.manual_seed(0)
+    model = SegmentationNCA(seg3d_config((3, 3)))
+    for level in model.levels:
+        torch.nn.init.normal_(level.rule.fc1.weight, std=0.05)
+    naive = ref.NaiveSeg3D()
+    naive.load_state_dict(reference_state_dict(model))
+    img = torch.rand(1, 1, 12, 12, 12)
+    torch.manual_seed(4)
+    a = naive(img, (3, 3))
+    a.square().mean().backward()
+    torch.manual_seed(4)
+    b = model(img, checkpoint_every=1).logits
+    b.square().mean().backward()
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for lv, nv in zip(model.levels, naive.levels, strict=True):
+        torch.testing.assert_close(lv.rule.fc0.weight.grad, nv.fc0.weight.grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(
+            lv.perception.learned[1].weight.grad, nv.convs[1].weight.grad, rtol=1e-4, atol=1e-7
+        )
+
+
+CONFIGS = [
+    {"filters": ("learned",), "fixed_channels": 1},
+    {"filters": ("sobel", "learned"), "fixed_channels": 2, "learned_kernel": 5, "padding": "reflect"},
+    {"filters": ("laplacian", "gaussian"), "fixed_channels": 0, "cond_channels": 3, "padding": "circular"},
+    {
+        "filters": ("scharr",),
+        "fixed_channels": 0,
+        "alive_channel": 2,
+        "padding": "replicate",
+        "fire_rate": 1.0,
+    },
+    {"dim": 3, "filters": ("learned",), "fixed_channels": 1, "learned_kernel": 5, "hidden": 24},
+    {"dim": 3, "filters": ("sobel", "mean"), "fixed_channels": 0, "padding": "zeros", "alive_channel": 0},
+]
+
+
+@pytest.mark.parametrize("kw", CONFIGS)
+@pytest.mark.parametrize("every", [0, 1, 2])
+@pytest.mark.parametrize("gather", [True, False])
+def test_fast_step_matches_straightforward_step(
+    kw: dict, every: int, gather: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(nca_module, "_CHUNK_ROWS", 40)  # exercise the chunked recomputing backward
+    if not gather:  # the masked (GPU) variant of the update, run on the CPU
+        monkeypatch.setattr(nca_module, "GATHER_DEVICES", set())
+    torch.manual_seed(0)
+    nca = NCA(NCAConfig(channels=8, hidden=kw.pop("hidden", 16), **kw))
+    torch.nn.init.normal_(nca.rule.fc1.weight, std=0.2)
+    for layer in nca.perception.learned:
+        torch.nn.init.normal_(layer.bias, std=0.1)
+    x = torch.rand(2, 8, *([7] * nca.cfg.dim))
+    cond = torch.randn(2, 3, requires_grad=True) if nca.cfg.cond_channels else None
+
+    def run(fast: bool) -> list[torch.Tensor]:
+        nca.zero_grad()
+        if cond is not None:
+            cond.grad = None
+        xx = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        if fast:
+            y = nca(xx, 3, cond=cond, checkpoint_every=every)
+        else:
+            y = xx
+            for _ in range(3):
+                y = nca._step_reference(y, cond)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        extra = [cond.grad] if cond is not None else []
+        return [y, xx.grad, *(p.grad for p in nca.parameters()), *extra]
+
+    for a, b in zip(run(False), run(True), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_alive_mask_equals_max_pool(dim: int) -> None:
+    x = torch.rand(2, 5, *([9] * dim)) * 0.13
+    pool = F.max_pool2d if dim == 2 else F.max_pool3d
+    expected = pool(x[:, 2:3], kernel_size=3, stride=1, padding=1) > 0.1
+    assert torch.equal(alive_mask(x, 2, 0.1), expected)
+    fmt = torch.channels_last if dim == 2 else torch.channels_last_3d
+    assert torch.equal(alive_mask(x.contiguous(memory_format=fmt), 2, 0.1), expected)
+
+
+def test_forward_returns_contiguous_and_keeps_input() -> None:
+    nca, _ = _growing_pair()
+    x = torch.rand(1, 16, 9, 9)
+    before = x.clone()
+    y = nca(x, 2)
+    assert y.is_contiguous() and torch.equal(x, before)
+    out, states = nca(x, 2, return_states=True)
+    assert all(s.is_contiguous() for s in states) and torch.equal(states[-1], out)
+
+
+def test_bucket_rounds_up_a_little() -> None:
+    for n in (0, 1, 63, 64, 65, 1000, 16411, 262_000):
+        b = nca_module._bucket(n)
+        assert b >= n and b - n <= max(64, n // 64)
+
+
+def test_parse_variant() -> None:
+    assert parse_variant("fp32") == ("fp32", 0)
+    assert parse_variant("bf16+ckpt2") == ("bf16", 2)
+    with pytest.raises(NcaError):
+        parse_variant("fp8")
+
+
+def test_bench_report_has_expected_keys() -> None:
+    work = [
+        Workload("train2d", (8, 8), 1, (2,), variants=("fp32",)),
+        Workload("infer3d", (8, 8, 8), 1, (1, 1), memory=False, variants=("fp32",)),
+    ]
+    report = run_benchmarks(work, repeats=1, threads=1)
+    assert {"machine", "config", "results", "ratios", "targets"} <= set(report)
+    assert {"threads", "load_before", "load_after", "malloc_tuned", "device"} <= set(report["machine"])
+    rows = {(r["workload"], r["variant"]): r for r in report["results"]}
+    train = rows[("train2d 8^2 b1 s2", "fp32")]
+    assert train["cell_updates_per_s"] > 0 and train["peak_bytes"] is not None
+    assert rows[("train2d 8^2 b1 s2", "naive")]["peak_bytes"] is not None
+    assert rows[("infer3d 8^3 b1 s1+1", "naive")]["cell_updates_per_s"] > 0
+    ratio = {(r["workload"], r["variant"]): r for r in report["ratios"]}
+    assert ratio[("train2d 8^2 b1 s2", "fp32")]["speedup"] > 0
+    assert "memory_ratio" in ratio[("train2d 8^2 b1 s2", "fp32")]  # None when a peak rounds to 0
+
+
+def test_tune_malloc_is_a_noop_without_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(perf, "_glibc", lambda: None)
+    assert perf.tune_malloc(force=True) is False
+    assert perf.glibc_version() is None
+
+
+def test_tune_malloc_can_be_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NCATOOL_MALLOPT", "0")
+    assert perf.tune_malloc(force=True) is False
+
+
+def test_tune_malloc_on_glibc() -> None:
+    if perf._glibc() is None:
+        pytest.skip("not glibc")
+    assert perf.tune_malloc(force=True) is True
+    assert perf.tune_malloc() is True  # idempotent
+    settings = perf.tune_process()
+    assert settings["malloc_tuned"] is True and settings["threads"] >= 1
