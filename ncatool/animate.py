@@ -317,10 +317,6 @@ class Source(Protocol):
         """Task-specific facts for the JSON summary."""
 
 
-def _tuple_fields(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-
-
 def _check_hidden(hidden: int, available: int, task: str) -> None:
     if hidden < 0:
         raise NcaError(f"--hidden must be >= 0, got {hidden}")
@@ -760,40 +756,16 @@ def load_seed_source(
     Raises:
         NcaError: The checkpoint does not describe a valid model, or bad steps/damage options.
     """
-    from ncatool.models.growing import ConditionalNCA, make_seed
-    from ncatool.models.nca import NCA, NCAConfig
+    from ncatool.predict import generation_model
     from ncatool.train import select_device
 
     task = str(payload.get("task"))
     run = payload.get("config") or {}
-    state = payload.get("task_state") or {}
-    if "model" not in state:
-        raise NcaError("checkpoint has no model settings (task_state.model)", path)
     dev = select_device(device)
-    fields = _tuple_fields(dict(state["model"]))
-    try:
-        if task == "grow":
-            model: Any = NCA(NCAConfig(**fields))
-            model.load_state_dict(payload["model"])
-            nca = model
-            if "target" in state:
-                h, w = (int(s) for s in state["target"].shape[-2:])
-            else:
-                h = w = int(run.get("img_size", 40)) + 2 * int(run.get("padding", 16))
-            x = make_seed(nca.cfg.channels, h, w)[None]
-            cond = None
-        else:
-            embed_dim = int(fields.pop("embed_dim", fields.get("cond_channels", 8)))
-            model = ConditionalNCA(NCAConfig(**fields), 10, embed_dim)
-            model.load_state_dict(payload["model"])
-            nca = model.nca
-            size = int(run.get("img_size", 16))
-            x = make_seed(nca.cfg.channels, size, size, first_live_channel=1)[None].repeat(10, 1, 1, 1)
-            cond = None
-    except (TypeError, ValueError, RuntimeError, KeyError) as err:
-        raise NcaError(f"checkpoint does not describe a valid {task} model ({err})", path) from err
-    model.eval().to(dev)
-    x = x.to(dev)
+    model, seed_state = generation_model(payload, path, dev)
+    nca = model if task == "grow" else model.nca
+    x = seed_state[None] if task == "grow" else seed_state[None].repeat(10, 1, 1, 1)
+    cond = None
     if task == "digits":
         with torch.no_grad():
             cond = model.embed(torch.arange(10, device=dev))

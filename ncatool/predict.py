@@ -74,7 +74,8 @@ _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 # --------------------------------------------------------------------------------------------------
 
 
-def _tuple_fields(values: dict[str, Any]) -> dict[str, Any]:
+def tuple_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """Config fields read back from JSON: lists become tuples (the dataclasses use tuples)."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
@@ -134,7 +135,7 @@ class SegPredictor:
         if "model" not in state:
             raise NcaError("checkpoint has no model settings (task_state.model)", path)
         try:
-            model_cfg = SegModelConfig(**_tuple_fields(state["model"]))
+            model_cfg = SegModelConfig(**tuple_fields(state["model"]))
             model = SegmentationNCA(model_cfg)
             model.load_state_dict(payload["model"])
         except (TypeError, ValueError, RuntimeError, KeyError) as err:
@@ -494,7 +495,7 @@ def discover_cases(path: str | Path) -> tuple[list[CaseRecord], str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _generation_model(payload: dict[str, Any], path: Path, device: torch.device) -> tuple[Any, Any]:
+def generation_model(payload: dict[str, Any], path: Path, device: torch.device) -> tuple[Any, Any]:
     """``(model, seed state (C, H, W))`` of a ``grow`` or ``digits`` checkpoint, without its data."""
     from ncatool.models.growing import ConditionalNCA, make_seed
     from ncatool.models.nca import NCA, NCAConfig
@@ -505,7 +506,7 @@ def _generation_model(payload: dict[str, Any], path: Path, device: torch.device)
         raise NcaError("checkpoint has no model settings (task_state.model)", path)
     embed_dim = shape.pop("embed_dim", None)
     try:
-        nca_cfg = NCAConfig(**_tuple_fields(shape))
+        nca_cfg = NCAConfig(**tuple_fields(shape))
         if task == "digits":
             model: Any = ConditionalNCA(nca_cfg, 10, int(embed_dim or nca_cfg.cond_channels))
             size = int(run.get("img_size", 16))
@@ -577,7 +578,7 @@ def generate(
     if steps < 1:
         raise NcaError(f"--steps must be >= 1, got {steps}")
     dev = select_device(device)
-    model, start = _generation_model(payload, path, dev)
+    model, start = generation_model(payload, path, dev)
     torch.manual_seed(seed)
     files: list[str] = []
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
