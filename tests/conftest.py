@@ -11,6 +11,26 @@ import pytest
 
 from ncatool.data.io import Image, write_image
 
+#: `--set` overrides that make a grow / digits run train in about a second.
+TINY_GROW = [
+    "img_size=8",
+    "padding=2",
+    "pool_size=16",
+    "steps=3,5",
+    "hidden=16",
+    "iters_per_epoch=2",
+    "val_steps=4",
+]
+TINY_DIGITS = [
+    "img_size=8",
+    "steps=6",
+    "hidden=16",
+    "channels=6",
+    "embed_dim=4",
+    "iters_per_epoch=2",
+    "batch_size=4",
+]
+
 
 def write_toy_dataset(root: Path, dim: int, cases: int = 4, size: int = 24, seed: int = 0) -> Path:
     """A tiny nnU-Net raw dataset: one noisy bright ball per case, label 1 inside it.

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_DIGITS
 from typer.testing import CliRunner
 
 from ncatool.cli import app
@@ -27,15 +28,7 @@ from ncatool.tasks.digits import (
 )
 
 runner = CliRunner()
-TINY = [
-    "img_size=8",
-    "steps=6",
-    "hidden=16",
-    "channels=6",
-    "embed_dim=4",
-    "iters_per_epoch=2",
-    "batch_size=4",
-]
+TINY = TINY_DIGITS
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_GROW
 from typer.testing import CliRunner
 
 from ncatool.cli import app
@@ -21,15 +22,7 @@ from ncatool.tasks.growing import DEFAULT_TARGET, GrowConfig, GrowTask, load_tar
 from ncatool.train import Trainer
 
 runner = CliRunner()
-TINY = [
-    "img_size=8",
-    "padding=2",
-    "pool_size=16",
-    "steps=3,5",
-    "hidden=16",
-    "iters_per_epoch=2",
-    "val_steps=4",
-]
+TINY = TINY_GROW
 
 
 # ----------------------------------------------------------------------------------- losses

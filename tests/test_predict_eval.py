@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_toy_dataset
+from conftest import TINY_DIGITS, TINY_GROW, write_toy_dataset
 from typer.testing import CliRunner
 
 from ncatool.cli import app
@@ -288,26 +288,7 @@ def test_eval_checkpoint_end_to_end(runs: dict[str, Path], tmp_path: Path) -> No
     assert len(json.loads(result.stdout)["metric_per_case"]) == 4
 
 
-GEN_TINY = {
-    "grow": [
-        "img_size=8",
-        "padding=2",
-        "pool_size=16",
-        "steps=3,5",
-        "hidden=16",
-        "iters_per_epoch=2",
-        "val_steps=4",
-    ],
-    "digits": [
-        "img_size=8",
-        "steps=6",
-        "hidden=16",
-        "channels=6",
-        "embed_dim=4",
-        "iters_per_epoch=2",
-        "batch_size=4",
-    ],
-}
+GEN_TINY = {"grow": TINY_GROW, "digits": TINY_DIGITS}
 
 
 @pytest.mark.parametrize("task", ["grow", "digits"])
