@@ -13,6 +13,21 @@ and writes the derived file:
 * ``data/digits/digits_8x8.npz`` from scikit-learn 1.9.1 ``sklearn/datasets/data/digits.csv.gz``
   (UCI Optical Recognition of Handwritten Digits, CC BY 4.0): ``images`` uint8 (1797, 8, 8) with
   values 0..16, ``labels`` uint8 (1797,), ``max_value`` = 16, compressed.
+* ``data/nuclei/nuclei_img.png`` + ``nuclei_gt.png`` from stardist 0.9.2
+  ``stardist/data/images/img2d.tif`` + ``mask2d.tif`` (Data Science Bowl 2018 / BBBC038, CC0):
+  the 512x512 fluorescence image as 8-bit grey (its values are 0..235, so the conversion is exact)
+  and the foreground (instance id > 0) as a 0/255 mask.
+* ``data/brain/mni152_img.nii.gz`` + ``mni152_gt.nii.gz`` from nilearn 0.14.1's MNI ICBM152 2009a
+  symmetric template (T1, GM and WM probability maps, 1 mm): cropped to the brain's bounding box
+  (+2 mm), block-averaged to 2 mm; T1 as uint8, labels 0 background / 1 grey matter / 2 white
+  matter = argmax of (1 - p_gm - p_wm, p_gm, p_wm) of the averaged maps, and 0 wherever the
+  (skull-stripped) T1 is 0. The template's notice, kept with every copy: "Copyright (C) 1993-2009
+  Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill
+  University. Permission to use, copy, modify, and distribute this software and its documentation
+  for any purpose and without fee is hereby granted, provided that the above copyright notice
+  appear in all copies. The authors and McGill University make no representations about the
+  suitability of this software for any purpose. It is provided "as is" without express or implied
+  warranty."
 
 Usage::
 
@@ -47,9 +62,36 @@ SOURCES = {
         "member": "sklearn/datasets/data/digits.csv.gz",
         "sha256": "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22",
     },
+    "nuclei_img": {
+        "package": "stardist==0.9.2",
+        "member": "stardist/data/images/img2d.tif",
+        "sha256": "f9ccc1571b92c861ff87e28463068b43f61bd47357ed0503f711e5cd1eb97750",
+    },
+    "nuclei_mask": {
+        "package": "stardist==0.9.2",
+        "member": "stardist/data/images/mask2d.tif",
+        "sha256": "59ad5e820b7982ca9d13e946fa6e7f64e2714899e00a2ae6c69aa79aad53d46f",
+    },
+    "brain_t1": {
+        "package": "nilearn==0.14.1",
+        "member": "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+        "sha256": "421a10e872fd6cadae7f61d358dffbcc1795a497d61ee76c5dda2503e1a1e9e6",
+    },
+    "brain_gm": {
+        "package": "nilearn==0.14.1",
+        "member": "nilearn/datasets/data/mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+        "sha256": "97a5ca69bd24db37a9cb7b32525e1733a209af904129bf1cd36da06d24243bed",
+    },
+    "brain_wm": {
+        "package": "nilearn==0.14.1",
+        "member": "nilearn/datasets/data/mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+        "sha256": "382d92812de4744f9c86c7a0e4f680dc317a0a50e4da1f0153618a6798c7b7db",
+    },
 }
 
 RETINA_SIZE = 64
+BRAIN_FACTOR = 2  # 1 mm -> 2 mm
+BRAIN_MARGIN = 2  # voxels (1 mm) kept around the brain's bounding box
 RETINA_THRESHOLD = 20  # on the brightest of R, G, B (0..255): the surround is black
 
 
@@ -135,6 +177,67 @@ def derive_digits(csv_gz: bytes) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def derive_nuclei(img_tif: bytes, mask_tif: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """``(image (512, 512) uint8, mask (512, 512) uint8 0/255)`` from stardist's TIFFs."""
+    from PIL import Image
+
+    image = np.asarray(Image.open(io.BytesIO(img_tif)))
+    instances = np.asarray(Image.open(io.BytesIO(mask_tif)))
+    if image.shape != (512, 512) or instances.shape != image.shape:
+        raise SystemExit(f"unexpected nuclei shapes {image.shape} / {instances.shape}")
+    if image.max() > 255:
+        raise SystemExit(f"nuclei image has values up to {image.max()}: no exact 8-bit copy")
+    return image.astype(np.uint8), np.where(instances > 0, 255, 0).astype(np.uint8)
+
+
+def _block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
+    """Average ``factor``-sized blocks of a 3D array whose shape is divisible by ``factor``."""
+    x, y, z = (n // factor for n in volume.shape)
+    return volume.reshape(x, factor, y, factor, z, factor).mean(axis=(1, 3, 5))
+
+
+def derive_brain(t1_gz: bytes, gm_gz: bytes, wm_gz: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(t1 uint8, labels uint8 0/1/2, affine (4, 4))`` at 2 mm, arrays in NIfTI (i, j, k) order."""
+    import nibabel as nib
+
+    def load(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+        image = nib.Nifti1Image.from_bytes(gzip.decompress(data))
+        return np.asarray(image.dataobj, dtype=np.float64), image.affine
+
+    t1, affine = load(t1_gz)
+    gm, wm = load(gm_gz)[0] / 255.0, load(wm_gz)[0] / 255.0
+    brain = t1 > 0
+    gm, wm = np.where(brain, gm, 0.0), np.where(brain, wm, 0.0)
+    lo = [max(int(i.min()) - BRAIN_MARGIN, 0) for i in np.nonzero(brain)]
+    hi = [int(i.max()) + 1 + BRAIN_MARGIN for i in np.nonzero(brain)]
+    # grow each extent to a multiple of the factor (zero-padding past the template's edge)
+    hi = [a + -(-(b - a) // BRAIN_FACTOR) * BRAIN_FACTOR for a, b in zip(lo, hi, strict=True)]
+    pad = [(0, max(0, b - n)) for b, n in zip(hi, t1.shape, strict=True)]
+    crop = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    t1, gm, wm, brain = (np.pad(v, pad)[crop] for v in (t1, gm, wm, brain))
+    t1_small = _block_mean(t1, BRAIN_FACTOR)
+    probs = np.stack([1.0 - gm - wm, gm, wm]).clip(0.0, 1.0)
+    labels = np.argmax(np.stack([_block_mean(p, BRAIN_FACTOR) for p in probs]), axis=0)
+    labels[_block_mean(brain.astype(np.float64), BRAIN_FACTOR) == 0] = 0
+    new_affine = affine.copy()
+    new_affine[:3, :3] = affine[:3, :3] * BRAIN_FACTOR
+    # the centre of the first 2x2x2 block sits half an original voxel into it
+    new_affine[:3, 3] = (
+        affine[:3, :3] @ (np.array(lo, dtype=np.float64) + (BRAIN_FACTOR - 1) / 2) + affine[:3, 3]
+    )
+    return np.round(t1_small).astype(np.uint8), labels.astype(np.uint8), new_affine
+
+
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    import nibabel as nib
+
+    image = nib.Nifti1Image(array, affine)
+    image.set_qform(affine, code=4)  # MNI152 space
+    image.set_sform(affine, code=4)
+    image.header.set_xyzt_units("mm")
+    nib.save(image, path)
+
+
 def write_all(out_root: Path) -> list[Path]:
     """Fetch both sources and write the derived files under ``out_root``; return their paths."""
     from PIL import Image
@@ -155,7 +258,28 @@ def write_all(out_root: Path) -> list[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, images=images, labels=labels, max_value=np.uint8(16))
         written.append(path)
+
+        image, mask = derive_nuclei(*(_fetch(name, work) for name in ("nuclei_img", "nuclei_mask")))
+        folder = out_root / "nuclei"
+        folder.mkdir(parents=True, exist_ok=True)
+        for array, name in ((image, "nuclei_img.png"), (mask, "nuclei_gt.png")):
+            Image.fromarray(array, mode="L").save(folder / name, optimize=True)
+            written.append(folder / name)
+
+        t1, labels, affine = derive_brain(
+            *(_fetch(name, work) for name in ("brain_t1", "brain_gm", "brain_wm"))
+        )
+        folder = out_root / "brain"
+        folder.mkdir(parents=True, exist_ok=True)
+        for array, name in ((t1, "mni152_img.nii.gz"), (labels, "mni152_gt.nii.gz")):
+            _save_nifti(array, affine, folder / name)
+            written.append(folder / name)
     return written
+
+
+def _fetch(name: str, work: Path) -> bytes:
+    src = SOURCES[name]
+    return fetch_member(src["package"], src["member"], src["sha256"], work)
 
 
 def main() -> None:
@@ -176,6 +300,11 @@ def main() -> None:
             shipped = args.out / path.relative_to(tmp)
             if path.suffix == ".png":
                 same = np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(shipped)))
+            elif path.name.endswith(".nii.gz"):
+                import nibabel as nib
+
+                a, b = nib.load(path), nib.load(shipped)
+                same = np.array_equal(a.get_fdata(), b.get_fdata()) and np.allclose(a.affine, b.affine)
             else:
                 a, b = np.load(path), np.load(shipped)
                 same = all(np.array_equal(a[k], b[k]) for k in a.files)

@@ -599,3 +599,118 @@ def test_geometry_tolerances() -> None:
     spacing = Image.from_array(np.zeros(SHAPE), spacing=(0.75, 1.25, 2.5 * (1 + 5e-4)), origin=ORIGIN)
     assert geometry_issues(ref, spacing)[0] == []
     assert len(geometry_issues(ref, spacing, strict_spacing=True)[0]) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# --tile: spatially separate tiles as cases
+
+
+def _physical(image: Image, index_zyx: tuple[int, ...]) -> np.ndarray:
+    """Physical position of the voxel at array index ``index_zyx``."""
+    nd = image.ndim
+    direction = np.asarray(image.direction).reshape(nd, nd)
+    return np.asarray(image.origin) + direction @ (np.asarray(image.spacing) * np.asarray(index_zyx[::-1]))
+
+
+@pytest.mark.parametrize(
+    ("length", "size", "expected"),
+    [
+        (10, 4, [(0, 3), (3, 7), (7, 10)]),
+        (8, 4, [(0, 4), (4, 8)]),
+        (5, 0, [(0, 5)]),
+        (3, 10, [(0, 3)]),
+    ],
+)
+def test_axis_bounds_near_equal_and_complete(length: int, size: int, expected: list[tuple[int, int]]) -> None:
+    from ncatool.data.tiles import axis_bounds
+
+    assert axis_bounds(length, size) == expected
+
+
+def test_tile_3d_slabs_keep_voxels_and_physical_positions(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    shape = (9, 8, 6)
+    spacing, origin = (0.7, 1.3, 3.1), (-12.3, 45.6, 7.89)
+    image = make_image(3, shape)
+    label = np.zeros(shape, dtype=np.uint8)
+    label[2:7, 2:6, 1:5] = 1
+    label[4:6, 3:5, 2:4] = 2
+    write_case(src, "vol", image=image, label=label, spacing=spacing, origin=origin, direction=PERMUTED)
+    out = tmp_path / "raw"
+    result = invoke(*prepare_args(src, out, "--tile", "3,0,0", "--json"))
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["tiled_from"] == {"vol": ["vol_t000", "vol_t001", "vol_t002"]}
+    dataset = out / "Dataset007_Test"
+    tiles = json.loads((dataset / "tiles.json").read_text())
+    source = read_image(src / "vol_img.nii.gz")
+    rebuilt_image, rebuilt_label = np.zeros_like(image), np.zeros_like(label)
+    for name, info in tiles.items():
+        assert info["case"] == "vol" and info["shape"] == [3, 8, 6]
+        region = tuple(slice(a, a + n) for a, n in zip(info["start"], info["shape"], strict=True))
+        tile_img = read_image(dataset / "imagesTr" / f"{name}_0000.nii.gz")
+        tile_gt = read_image(dataset / "labelsTr" / f"{name}.nii.gz")
+        rebuilt_image[region] = tile_img.array
+        rebuilt_label[region] = tile_gt.array
+        np.testing.assert_allclose(tile_img.spacing, spacing, rtol=1e-6)
+        np.testing.assert_allclose(tile_gt.origin, tile_img.origin, atol=1e-5)
+        # the tile's first voxel sits where the source's voxel at its start index sits
+        np.testing.assert_allclose(
+            _physical(tile_img, (0, 0, 0)), _physical(source, tuple(info["start"])), atol=1e-4
+        )
+        np.testing.assert_allclose(
+            _physical(tile_img, (2, 7, 5)),
+            _physical(source, tuple(a + b for a, b in zip(info["start"], (2, 7, 5), strict=True))),
+            atol=1e-4,
+        )
+    np.testing.assert_array_equal(rebuilt_image, image)
+    np.testing.assert_array_equal(rebuilt_label, label)
+    assert invoke("verify", dataset).exit_code == 0
+
+
+def test_tile_2d_png_splits_tiles_into_train_and_test(tmp_path: Path) -> None:
+    from PIL import Image as PILImage
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(10, 8), dtype=np.uint8)
+    mask = np.where(pixels > 128, 255, 0).astype(np.uint8)
+    PILImage.fromarray(pixels).save(src / "field_img.png")
+    PILImage.fromarray(mask).save(src / "field_gt.png")
+    out = tmp_path / "raw"
+    result = invoke(*prepare_args(src, out, "--tile", "4", "--test-fraction", "0.5", "--seed", "3", "--json"))
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    cases = summary["cases"]
+    assert len(cases["train"]) == 3 and len(cases["test"]) == 3
+    assert sorted(cases["train"] + cases["test"]) == [f"field_t{i:03d}" for i in range(6)]
+    dataset = out / "Dataset007_Test"
+    tiles = json.loads((dataset / "tiles.json").read_text())
+    assert [tiles[f"field_t{i:03d}"]["start"] for i in range(6)] == [
+        [0, 0], [0, 4], [3, 0], [3, 4], [7, 0], [7, 4]
+    ]  # fmt: skip
+    for name in cases["test"]:
+        info = tiles[name]
+        region = tuple(slice(a, a + n) for a, n in zip(info["start"], info["shape"], strict=True))
+        got = read_image(dataset / "labelsTs" / f"{name}.nii.gz")
+        assert got.ndim == 2
+        np.testing.assert_array_equal(got.array, (mask[region] == 255).astype(np.uint8))
+        np.testing.assert_array_equal(
+            read_image(dataset / "imagesTs" / f"{name}_0000.nii.gz").array, pixels[region]
+        )
+    assert invoke("verify", dataset).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("abc", "--tile must be comma-separated integers"), ("0", "not all 0"), ("2,2", "images are 3D")],
+)
+def test_bad_tile_spec_exits_2_and_writes_nothing(
+    mock_dir: Path, tmp_path: Path, spec: str, message: str
+) -> None:
+    out = tmp_path / "raw"
+    result = invoke(*prepare_args(mock_dir, out, "--tile", spec))
+    assert result.exit_code == 2
+    assert message in flat(result.output)
+    assert not (out / "Dataset007_Test").exists()

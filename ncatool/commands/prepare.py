@@ -97,6 +97,18 @@ def prepare(
         ),
     ] = 0.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the test split.")] = 0,
+    tile: Annotated[
+        str | None,
+        typer.Option(
+            "--tile",
+            help="Cut every case into spatially separate tiles that become cases CASE_t000, ... "
+            "(their positions go to tiles.json): sizes in array order, one for all axes or one per "
+            "axis (rows,cols in 2D; slices,rows,cols in 3D; 0 = whole axis), e.g. 128 or 10,0,0 for "
+            "axial slabs. Each axis is cut into round(length/size) near-equal tiles; "
+            "--test-fraction then splits tiles.",
+            show_default=False,
+        ),
+    ] = None,
     skip_invalid: Annotated[
         bool,
         typer.Option("--skip-invalid", help="Prepare the valid pairs and report the invalid ones."),
@@ -118,6 +130,7 @@ def prepare(
     from ncatool import console
     from ncatool.data.nnunet import PrepareOptions, console_escape, prepare_dataset
     from ncatool.data.pairs import parse_names
+    from ncatool.data.tiles import parse_tile_spec
     from ncatool.errors import NcaError, ValidationError
 
     if input_dir is not None and input_opt is not None and input_dir != input_opt:
@@ -139,6 +152,7 @@ def prepare(
         seed=seed,
         skip_invalid=skip_invalid,
         overwrite=overwrite,
+        tile=parse_tile_spec(tile),
     )
     try:
         result = prepare_dataset(options)
@@ -157,9 +171,10 @@ def prepare(
     for warning in result.warnings:
         console.warn(console_escape(warning))
     files = result.files
+    tiled = f" (tiles of {len(result.tiles)} source cases)" if result.tiles is not None else ""
     console.info(
         console_escape(
-            f"wrote {result.dataset}: {len(result.train)} training + {len(result.test)} test cases, "
+            f"wrote {result.dataset}: {len(result.train)} training + {len(result.test)} test cases{tiled}, "
             f"{result.ndim}D, channels {result.channel_names}, labels {result.labels}; "
             f"files: {files['converted']} converted, {files['copied']} copied, {files['linked']} linked; "
             f"{len(result.skipped)} skipped, {len(result.warnings)} warnings"

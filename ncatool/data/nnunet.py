@@ -55,6 +55,7 @@ from ncatool.data.pairs import (
     label_dtype,
     label_value_problems,
 )
+from ncatool.data.tiles import crop_image, tile_name, tile_slices
 from ncatool.errors import NcaError, ValidationError
 
 #: The file ending ``prepare`` writes.
@@ -63,6 +64,7 @@ FILE_ENDING = ".nii.gz"
 REQUIRED_KEYS: tuple[str, ...] = ("channel_names", "labels", "numTraining", "file_ending")
 DATASET_JSON = "dataset.json"
 SPLITS_JSON = "splits.json"
+TILES_JSON = "tiles.json"
 MAX_DATASET_ID = 999
 
 _CHANNEL_STEM = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -596,6 +598,11 @@ class PrepareOptions:
     seed: int = 0
     skip_invalid: bool = False
     overwrite: bool = False
+    tile: tuple[int, ...] | None = None
+
+
+#: Tiles of each source case: ``{case: [(tile case, region in array order), ...]}``.
+TilePlan = dict[str, list[tuple[str, tuple[slice, ...]]]]
 
 
 @dataclass
@@ -621,6 +628,7 @@ class PrepareResult:
     warnings: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     files: dict[str, int] = field(default_factory=lambda: {"linked": 0, "copied": 0, "converted": 0})
+    tiles: TilePlan | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable summary."""
@@ -638,6 +646,9 @@ class PrepareResult:
             "skipped": [{"case": s.case, "problems": s.problems} for s in self.skipped],
             "warnings": self.warnings,
             "ignored": self.ignored,
+            "tiled_from": None
+            if self.tiles is None
+            else {c: [t for t, _ in ts] for c, ts in self.tiles.items()},
         }
 
 
@@ -693,7 +704,9 @@ def prepare_dataset(options: PrepareOptions) -> PrepareResult:
     warnings = [str(w) for c in valid for w in c.warnings]
     labels = _labels(options.label_names, valid, warnings)
     channel_names = _channel_names(options.channel_names, valid[0])
-    train, test = split_cases([c.pair.case for c in valid], options.test_fraction, options.seed, warnings)
+    tiles = plan_tiles(valid, options.tile) if options.tile else None
+    cases = [t for ts in tiles.values() for t, _ in ts] if tiles else [c.pair.case for c in valid]
+    train, test = split_cases(cases, options.test_fraction, options.seed, warnings)
     result = PrepareResult(
         dataset=target,
         layout=pairing.layout,
@@ -705,12 +718,48 @@ def prepare_dataset(options: PrepareOptions) -> PrepareResult:
         skipped=skipped,
         warnings=warnings,
         ignored=[str(p) for p in pairing.ignored],
+        tiles=tiles,
     )
     dataset_json = build_dataset_json(
         channel_names, list(labels)[1:], len(train), name=options.name, description=options.description
     )
     _build(options, valid, result, dataset_json)
     return result
+
+
+def plan_tiles(valid: list[PairCheck], sizes: tuple[int, ...]) -> TilePlan:
+    """Cut every valid case into tiles (see :mod:`ncatool.data.tiles`).
+
+    Args:
+        valid: The checked pairs (their image shapes are known).
+        sizes: Tile sizes in array order (one for all axes, or one per axis; 0 = whole axis).
+
+    Returns:
+        The tiles of each case, named ``CASE_tNNN`` in C order.
+
+    Raises:
+        NcaError: ``sizes`` does not match the dimensionality.
+    """
+    plan: TilePlan = {}
+    for check in valid:
+        if check.shape is None:  # cannot happen for a valid pair
+            raise NcaError("image shape unknown while tiling", check.pair.image)
+        regions = tile_slices(check.shape, sizes)
+        plan[check.pair.case] = [(tile_name(check.pair.case, i), r) for i, r in enumerate(regions)]
+    return plan
+
+
+def tiles_json(plan: TilePlan) -> dict[str, Any]:
+    """``tiles.json`` content: for each tile, its source case and ``start``/``shape`` in array order."""
+    return {
+        tile: {
+            "case": case,
+            "start": [s.start for s in region],
+            "shape": [s.stop - s.start for s in region],
+        }
+        for case, tiles in plan.items()
+        for tile, region in tiles
+    }
 
 
 def split_cases(
@@ -801,9 +850,14 @@ def _build(
         test = set(result.test)
         highest_label = max(result.labels.values())
         for check in valid:
+            if result.tiles is not None:
+                _write_tiles(check, result.tiles[check.pair.case], tmp, test, options, highest_label, result)
+                continue
             split = "Ts" if check.pair.case in test else "Tr"
             console.debug(f"writing {check.pair.case} → images{split}")
             _write_case(check, tmp / f"images{split}", tmp / f"labels{split}", options, highest_label, result)
+        if result.tiles is not None:
+            write_json(tiles_json(result.tiles), tmp / TILES_JSON)
         (tmp / "imagesTr").mkdir(exist_ok=True)
         (tmp / "labelsTr").mkdir(exist_ok=True)
         write_json(dataset_json, tmp / DATASET_JSON)
@@ -852,21 +906,49 @@ def _write_case(
     if check.label_passthrough:
         _transfer(pair.label, destination, options.link, result)
         return
-    label = read_image(pair.label)
-    array, _ = label_array(label, pair.label)
+    write_image(_label_image(check, highest_label, reference), destination)
+    result.files["converted"] += 1
+
+
+def _label_image(check: PairCheck, highest_label: int, reference: Image | None) -> Image:
+    """The label of a pair as written: 0/1 for planar 0/255 masks, smallest dtype, image geometry if needed."""
+    label = read_image(check.pair.label)
+    array, _ = label_array(label, check.pair.label)
     if array is None:  # cannot happen for a valid pair
-        raise NcaError("label became unreadable while preparing", pair.label)
+        raise NcaError("label became unreadable while preparing", check.pair.label)
     geometry = label
     if check.harmonize_label:
-        geometry = reference if reference is not None else read_image(pair.image)
-    out = Image(
+        geometry = reference if reference is not None else read_image(check.pair.image)
+    return Image(
         array=array.astype(label_dtype(highest_label)),
         spacing=geometry.spacing,
         origin=geometry.origin,
         direction=geometry.direction,
     )
-    write_image(out, destination)
-    result.files["converted"] += 1
+
+
+def _write_tiles(
+    check: PairCheck,
+    tiles: list[tuple[str, tuple[slice, ...]]],
+    root: Path,
+    test: set[str],
+    options: PrepareOptions,
+    highest_label: int,
+    result: PrepareResult,
+) -> None:
+    """Write every tile of one case as a case of its own (always converted, never linked)."""
+    channels, _ = image_channels(read_image(check.pair.image), check.pair.image, options.grayscale)
+    label = _label_image(check, highest_label, channels[0])
+    for tile, region in tiles:
+        split = "Ts" if tile in test else "Tr"
+        console.debug(f"writing {tile} ({check.pair.case} {region}) → images{split}")
+        images_dir, labels_dir = root / f"images{split}", root / f"labels{split}"
+        images_dir.mkdir(exist_ok=True)
+        labels_dir.mkdir(exist_ok=True)
+        for index, channel in enumerate(channels):
+            write_image(crop_image(channel, region), images_dir / channel_file_name(tile, index))
+        write_image(crop_image(label, region), labels_dir / label_file_name(tile))
+        result.files["converted"] += len(channels) + 1
 
 
 def _transfer(source: Path, destination: Path, link: bool, result: PrepareResult) -> None:

@@ -113,6 +113,7 @@ class PairCheck:
         errors: Problems that make the pair unusable.
         warnings: Problems that do not.
         ndim: Spatial dimensions of the image (2 or 3) if readable.
+        shape: Spatial shape of the image in array order, ``(Z, Y, X)`` or ``(Y, X)``, if readable.
         channels: Number of channels the image yields.
         default_channel_names: Channel names implied by the file (``R,G,B`` for colour images).
         label_values: The label values present (after 0/255 → 0/1 for planar masks).
@@ -125,6 +126,7 @@ class PairCheck:
     errors: list[Issue] = field(default_factory=list)
     warnings: list[Issue] = field(default_factory=list)
     ndim: int | None = None
+    shape: tuple[int, ...] | None = None
     channels: int | None = None
     default_channel_names: tuple[str, ...] = ()
     label_values: frozenset[int] = frozenset()
@@ -596,6 +598,7 @@ def _check_image(image: Image, path: Path, grayscale: bool, check: PairCheck) ->
         check.error(path, problem)
     channels, names = image_channels(image, path, grayscale)
     check.ndim = image.ndim
+    check.shape = image.spatial_shape
     check.channels = len(channels)
     check.default_channel_names = names
     check.image_passthrough = split_extension(path)[1] == ".nii.gz" and not image.is_vector
