@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -214,3 +215,46 @@ def test_time_limit_stops_after_the_epoch_that_reaches_it(
     task = _task(toy_dataset(2), epochs=5, time_limit=1e-6)
     summary = Trainer(task, tmp_path / "run", torch.device("cpu")).fit()
     assert summary["epochs"] == 1
+
+
+def test_common_crop_cuts_mixed_sizes_to_the_smallest() -> None:
+    from ncatool.tasks.segmentation import common_crop
+
+    torch.manual_seed(0)
+    big = torch.arange(10 * 7 * 6, dtype=torch.float32).reshape(1, 10, 7, 6)
+    small = torch.zeros(1, 9, 7, 8)
+    items = common_crop([(big, big[0].long()), (small, small[0].long())])
+    assert [tuple(img.shape) for img, _ in items] == [(1, 9, 7, 6), (1, 9, 7, 6)]
+    img, lab = items[0]
+    # a contiguous window of the original, the label cut at the same place
+    z0 = int(img[0, 0, 0, 0]) // (7 * 6)
+    torch.testing.assert_close(img, big[:, z0 : z0 + 9])
+    torch.testing.assert_close(lab, big[0, z0 : z0 + 9].long())
+    same = [(big, big[0].long())] * 2
+    assert common_crop(same) is same
+
+
+def test_seg3d_trains_on_cases_of_different_sizes_without_resizing(tmp_path: Path) -> None:
+    from ncatool.data.io import Image, write_image
+
+    ds = tmp_path / "Dataset001_Slabs"
+    rng = np.random.default_rng(0)
+    for i, depth in enumerate((5, 6, 7, 6)):
+        mask = np.zeros((depth, 10, 9), dtype=np.uint8)
+        mask[1:-1, 2:7, 3:6] = 1
+        image = (mask + rng.normal(0, 0.1, mask.shape)).astype(np.float32)
+        write_image(Image.from_array(image), ds / "imagesTr" / f"slab_{i}_0000.nii.gz")
+        write_image(Image.from_array(mask), ds / "labelsTr" / f"slab_{i}.nii.gz")
+    meta = {"channel_names": {"0": "MR"}, "labels": {"background": 0, "box": 1}, "numTraining": 4}
+    (ds / "dataset.json").write_text(json.dumps({**meta, "file_ending": ".nii.gz"}))
+    args = ["train", "--task", "seg3d", "--data", str(ds), "--out", str(tmp_path / "run"), "--epochs", "1"]
+    args += ["-b", "3", "--json"]
+    for item in [*TINY_3D[:3], "target_size=none", "patch=0,0", "samples=0", "val_fraction=0.25"]:
+        args += ["--set", item]
+    # level 0 (half size: 2-3 slices) is too thin for the default 7-voxel kernel: a clear error
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "too small for its 7-voxel kernel" in result.output.replace("\n", "")
+    result = runner.invoke(app, [*args, "--set", "kernels=3,3"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["epochs"] == 1

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ncatool.errors import NcaError
 from ncatool.models.nca import NCA, NCAConfig
 
 
@@ -187,6 +188,7 @@ class SegmentationNCA(nn.Module):
             else:
                 zeros = img.new_zeros((img.shape[0], cfg.channels - cfg.in_channels, *img.shape[2:]))
                 state = torch.cat([img, zeros], dim=1)
+            check_level_size(state.shape[2:], cfg.kernels[level], cfg.padding, level)
             steps = cfg.steps[level]
             if return_states:
                 state, states = nca(state, steps, return_states=True)
@@ -202,6 +204,21 @@ class SegmentationNCA(nn.Module):
     def predict_proba(self, image: torch.Tensor) -> torch.Tensor:
         """Foreground probabilities ``(B, n_out, *S)`` for a whole image ``(B, in_channels, *S)``."""
         return torch.sigmoid(self.forward(image).logits.float())
+
+
+def check_level_size(size: torch.Size, kernel: int, padding: str, level: int) -> None:
+    """Refuse a level whose grid is too small for its perception kernel under reflect padding.
+
+    Raises:
+        NcaError: Some axis is not longer than ``max(kernel, 3) // 2`` voxels.
+    """
+    pad = max(kernel, 3) // 2
+    if padding == "reflect" and min(size) <= pad:
+        raise NcaError(
+            f"level {level} runs on a {'x'.join(str(s) for s in size)} grid, too small for its "
+            f"{kernel}-voxel kernel with reflect padding (every axis needs more than {pad} voxels): "
+            "use larger images (target_size), fewer levels, a smaller scale or kernels, or padding=zeros"
+        )
 
 
 def probs_to_labels(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

@@ -38,7 +38,7 @@ class SegConfig(TrainConfig):
     fire_rate: float = 0.5
     padding: str = "reflect"
     patch: tuple[int, ...] = (0, 32)  # training patch per level (0 = whole); level 0 always whole
-    target_size: tuple[int, ...] | None = (64, 64)  # every case resized to this (None = keep)
+    target_size: tuple[int, ...] | None = (64, 64)  # every case resized to this (None = keep; a batch is cropped to its smallest case)
     normalization: str = "zscore"  # zscore | ct | minmax | none
     zscore_nonzero: bool = False  # z-score statistics over nonzero voxels only (skull-stripped MRI)
     ct_window: tuple[float, float] = (-1000.0, 400.0)
@@ -87,6 +87,25 @@ def check_seg_task_config(cfg: SegConfig) -> None:
         raise NcaError(f"target_size needs {cfg.dim} values for {cfg.task}, got {cfg.target_size}")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise NcaError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+
+
+def common_crop(items: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Crop ``(image (C, *S_i), label (*S_i))`` items of different sizes to their common smallest size.
+
+    Cases keep their own sizes when ``target_size`` is None (tiles, slabs); a batch needs one size,
+    so each item is cut to the per-axis minimum at a random position (drawn from torch's global
+    generator, which the training loop seeds every epoch). Items of one size are returned as they are.
+    """
+    shapes = [tuple(label.shape) for _, label in items]
+    if len(set(shapes)) <= 1:
+        return items
+    smallest = tuple(min(sizes) for sizes in zip(*shapes, strict=True))
+    cropped = []
+    for image, label in items:
+        starts = [int(torch.randint(0, s - m + 1, ())) for s, m in zip(label.shape, smallest, strict=True)]
+        region = tuple(slice(a, a + m) for a, m in zip(starts, smallest, strict=True))
+        cropped.append((image[(slice(None), *region)], label[region]))
+    return cropped
 
 
 class SegmentationTask:
@@ -174,7 +193,7 @@ class SegmentationTask:
         order = torch.randint(0, n, (iters * batch_size,)) if iters > 0 else torch.randperm(n)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size].tolist()
-            items = [self.train_set[i] for i in idx]
+            items = common_crop([self.train_set[i] for i in idx])
             image = torch.stack([it[0] for it in items]).to(self.device)
             label = torch.stack([it[1] for it in items])
             target = torch.stack([one_hot_foreground(lab, self.n_out + 1) for lab in label]).to(self.device)
