@@ -303,6 +303,7 @@ class Trainer:
             "nan_skips": self.state.nan_skips,
             "rollbacks": self.state.rollbacks,
             "batch_size": self.state.batch_size,
+            "params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
         }
 
     def _train_epoch(self, epoch: int, progress: _Progress) -> dict[str, float]:
