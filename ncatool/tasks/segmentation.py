@@ -38,7 +38,8 @@ class SegConfig(TrainConfig):
     fire_rate: float = 0.5
     padding: str = "reflect"
     patch: tuple[int, ...] = (0, 32)  # training patch per level (0 = whole); level 0 always whole
-    target_size: tuple[int, ...] | None = (64, 64)  # every case resized to this (None = keep; a batch is cropped to its smallest case)
+    # every case resized to this (None = keep: a batch is then cropped to its smallest case)
+    target_size: tuple[int, ...] | None = (64, 64)
     normalization: str = "zscore"  # zscore | ct | minmax | none
     zscore_nonzero: bool = False  # z-score statistics over nonzero voxels only (skull-stripped MRI)
     ct_window: tuple[float, float] = (-1000.0, 400.0)
