@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -56,7 +57,7 @@ ENV = {
 }
 
 #: Minutes of NCA training per section (the U-Net gets the same wall-clock time).
-MINUTES = {"nuclei": 6.0, "brain": 6.0, "mock3d": 5.0, "digits": 3.0, "grow": 8.0}
+MINUTES = {"nuclei": 6.0, "brain": 6.0, "mock3d": 6.0, "digits": 3.0, "grow": 15.0}
 
 NUCLEI_NCA = ["target_size=none", "iters_per_epoch=10"]
 # The slabs differ wildly in how much of them is brain (7-74 %), so per-image z-score or min-max
@@ -73,7 +74,7 @@ BRAIN_NCA = [
     "ct_window=0,255",
 ]
 BRAIN_NORMALIZATION = ["--normalization", "ct", "--ct-window", "0", "255"]
-MOCK3D_NCA = ["target_size=48,48,48", "patch=0,24", "iters_per_epoch=8"]
+MOCK3D_NCA = ["iters_per_epoch=8"]  # seg3d defaults: resized to 64³, level 1 on 32³ patches
 GROW = ["img_size=24", "padding=6", "steps=48,64", "damage=true", "iters_per_epoch=50"]
 
 
@@ -247,6 +248,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "–" if value is None else str(value)
 
 
+#: Label names in the table (``ncatool eval --gt labelsTs`` knows only the values).
+LABEL_NAMES = {"nuclei": {"1": "nucleus"}, "brain": {"1": "GM", "2": "WM"}, "mock3d": {"1": "shape"}}
+
+
 def table(results: dict[str, dict[str, Any]]) -> str:
     """The Markdown tables of whatever sections have results."""
     lines = ["| data | method | Dice (mean) | per label | params | train s |", "|---|---|---|---|---|---|"]
@@ -254,7 +259,10 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         if name not in results:
             continue
         for method, m in results[name]["methods"].items():
-            labels = ", ".join(f"{k[5:]} {_fmt(v)}" for k, v in m.items() if k.startswith("dice_"))
+            names = LABEL_NAMES.get(name, {})
+            labels = ", ".join(
+                f"{names.get(k[5:], k[5:])} {_fmt(v)}" for k, v in m.items() if k.startswith("dice_")
+            )
             lines.append(
                 f"| {name} | {method} | {_fmt(m['dice'])} | {labels} | {_fmt(m.get('params'))} | "
                 f"{_fmt(m.get('train_seconds'), 0)} |"
@@ -291,6 +299,7 @@ def main() -> None:
     for name in names:
         rec = Recorder()
         work = args.out / name
+        shutil.rmtree(work, ignore_errors=True)  # every section starts from scratch
         start = time.perf_counter()
         result = SECTIONS[name](rec, work)
         result.update(commands=rec.commands, seconds=round(time.perf_counter() - start, 1))
