@@ -88,7 +88,7 @@ def _masks_by_case(folder: Path, what: str) -> dict[str, Path]:
 
 
 def _reference_files(gt: Path) -> tuple[dict[str, Path], dict[int, str]]:
-    """Reference masks by case, and label names when ``gt`` is an nnU-Net dataset folder."""
+    """Reference masks by case, and label names when ``gt`` is (a labels folder of) an nnU-Net dataset."""
     if (gt / "dataset.json").is_file():
         from ncatool.data.datasets import NnUNetDataset
 
@@ -99,7 +99,13 @@ def _reference_files(gt: Path) -> tuple[dict[str, Path], dict[int, str]]:
                 refs.update(_masks_by_case(gt / sub, "ground-truth"))
         names = {v: k for k, v in dataset.foreground_labels.items()}
         return refs, names
-    return _masks_by_case(gt, "ground-truth"), {}
+    names = {}
+    if gt.name in ("labelsTr", "labelsTs") and (gt.parent / "dataset.json").is_file():
+        from ncatool.data.datasets import NnUNetDataset
+
+        # a labels folder inside a dataset: its dataset.json names the labels
+        names = {v: k for k, v in NnUNetDataset(gt.parent).foreground_labels.items()}
+    return _masks_by_case(gt, "ground-truth"), names
 
 
 def match_folders(pred: str | Path, gt: str | Path) -> tuple[list[EvalPair], list[str], dict[int, str]]:

@@ -231,6 +231,18 @@ def test_eval_folders_nan_semantics_labels_and_outputs(tmp_path: Path) -> None:
     assert list(json.loads(result.stdout)["mean"]) == ["1"]
 
 
+def test_eval_names_labels_of_a_labels_folder_inside_a_dataset(tmp_path: Path) -> None:
+    ds = write_toy_dataset(tmp_path, 2, cases=2, size=8)
+    ref = read_image(ds / "labelsTr" / "toy_000.nii.gz").array
+    _write_masks(tmp_path / "pred", {"toy_000": ref, "toy_001": np.zeros_like(ref)})
+    args = ["eval", "--pred", str(tmp_path / "pred"), "--gt", str(ds / "labelsTr"), "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["labels"] == {"1": "ball"}
+    assert summary["metric_per_case"][0]["metrics"]["1"]["Dice"] == pytest.approx(1.0)
+
+
 def test_eval_shape_mismatch_and_missing_partner_exit_2(tmp_path: Path) -> None:
     _write_masks(tmp_path / "gt", {"a": np.zeros((6, 6))})
     _write_masks(tmp_path / "pred", {"a": np.zeros((6, 7))})
