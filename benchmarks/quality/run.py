@@ -22,7 +22,7 @@ depend on the machine, so the U-Net gets the NCA's measured training time, not a
 
 Usage::
 
-    .venv/bin/python benchmarks/quality/run.py                 # everything (about 45 min on 2 cores)
+    .venv/bin/python benchmarks/quality/run.py                 # everything (about 55 min on 2 cores)
     .venv/bin/python benchmarks/quality/run.py --only nuclei,brain
     .venv/bin/python benchmarks/quality/run.py --table         # the table from stored results only
 
