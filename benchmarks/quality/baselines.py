@@ -42,7 +42,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ncatool.data.datasets import NORMALIZATIONS, normalize
-from ncatool.data.io import Image, read_image, write_image
-from ncatool.data.nnunet import DATASET_JSON, FILE_ENDING, find_raw_cases, read_dataset_json, write_json
+from ncatool.data.datasets import NORMALIZATIONS, CaseData, NnUNetDataset, normalize
+from ncatool.data.io import write_image
+from ncatool.data.nnunet import FILE_ENDING, write_json
 from ncatool.errors import USER_ERROR_EXIT_CODE, NcaError
 
 #: Integer images with at most this many distinct possible values get one histogram bin per value.
@@ -71,17 +71,19 @@ MAX_AUTO_BATCH = 32
 
 @dataclass
 class Case:
-    """One case of the dataset.
+    """One case of the dataset, read by ncatool's own loader.
 
     Attributes:
         name: The case identifier (``CASE`` of ``CASE_0000.nii.gz``).
-        image: The single-channel image; ``array`` is ``(Y, X)`` or ``(Z, Y, X)``.
-        label: Integer labels of the same shape, or None (test cases are read without labels).
+        array: Raw intensities ``(Y, X)`` or ``(Z, Y, X)`` float32 (a singleton z axis is dropped).
+        label: Integer labels of the same shape, or None (test labels are not read).
+        data: The loaded case, for its geometry (:meth:`CaseData.to_image`).
     """
 
     name: str
-    image: Image
+    array: np.ndarray
     label: np.ndarray | None
+    data: CaseData
 
 
 @dataclass
@@ -105,33 +107,10 @@ class Dataset:
         """Number of labels including background (K + 1)."""
         return len(self.label_names)
 
-
-def parse_labels(content: dict[str, Any], path: Path) -> list[str]:
-    """The label names by value from ``dataset.json``'s ``labels``.
-
-    Args:
-        content: The parsed ``dataset.json``.
-        path: The file, for messages.
-
-    Returns:
-        ``names[v]`` is the name of label value ``v``; values are ``0 .. K`` with K >= 1.
-
-    Raises:
-        NcaError: Missing labels, region-based labels, or values other than ``0 .. K``.
-    """
-    labels = content.get("labels")
-    if not isinstance(labels, dict) or not labels:
-        raise NcaError("no 'labels' mapping", path)
-    by_value: dict[int, str] = {}
-    for name, value in labels.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise NcaError(
-                f"label {name!r} has value {value!r}; only plain integer labels are supported", path
-            )
-        by_value[value] = name
-    if sorted(by_value) != list(range(len(by_value))) or len(by_value) < 2:
-        raise NcaError(f"labels must be 0 (background), 1, ..., K with K >= 1; got {sorted(by_value)}", path)
-    return [by_value[v] for v in range(len(by_value))]
+    @property
+    def dim(self) -> int:
+        """Spatial dimensionality of the cases (2 or 3)."""
+        return self.train[0].array.ndim
 
 
 def load_dataset(folder: Path) -> Dataset:
@@ -144,73 +123,33 @@ def load_dataset(folder: Path) -> Dataset:
         The :class:`Dataset`.
 
     Raises:
-        NcaError: The folder, ``dataset.json``, ``imagesTr``, ``imagesTs`` or a label is missing, a
-            case has more than one channel, files are unreadable or do not match.
+        NcaError: What :class:`ncatool.data.datasets.NnUNetDataset` refuses (missing folder,
+            ``dataset.json``, ``imagesTr``/``imagesTs`` or labels, bad label values), more than one
+            channel, labels that are not ``0 .. K``, or 2D and 3D cases mixed.
     """
-    if not folder.exists():
-        raise NcaError("dataset folder does not exist", folder)
-    if not folder.is_dir():
-        raise NcaError("is not a folder (expected an nnU-Net raw dataset folder)", folder)
-    content = read_dataset_json(folder)
-    names = parse_labels(content, folder / DATASET_JSON)
-    file_ending = str(content.get("file_ending", FILE_ENDING))
-    train = _load_split(folder, "Tr", file_ending, with_labels=True)
-    test = _load_split(folder, "Ts", file_ending, with_labels=False)
-    ndims = {c.image.array.ndim for c in train + test}
-    if len(ndims) > 1:
-        raise NcaError(f"mixes 2D and 3D images ({sorted(ndims)}D); use one kind", folder)
-    highest = max(int(c.label.max()) for c in train if c.label is not None)
-    if highest >= len(names):
+    dataset = NnUNetDataset(folder)
+    values = sorted(dataset.labels.values())
+    if values != list(range(len(values))) or len(values) < 2:
         raise NcaError(
-            f"labels contain value {highest} but dataset.json lists labels 0..{len(names) - 1}",
-            folder / "labelsTr",
+            f"labels must be 0 (background), 1, ..., K with K >= 1; got {values}", dataset.json_path
         )
-    return Dataset(folder=folder, label_names=names, train=train, test=test)
+    if dataset.num_channels != 1:
+        raise NcaError(
+            f"{dataset.num_channels} channels; the baselines support exactly one (_0000)", dataset.json_path
+        )
+    names = {v: k for k, v in dataset.labels.items()}
 
+    def load(split: str, with_labels: bool) -> list[Case]:
+        cases = []
+        for record in dataset.cases(split):
+            data = dataset.load(replace(record, label_path=record.label_path if with_labels else None))
+            cases.append(Case(name=data.name, array=data.image[0], label=data.label, data=data))
+        return cases
 
-def _load_split(folder: Path, split: str, file_ending: str, with_labels: bool) -> list[Case]:
-    images_dir = folder / f"images{split}"
-    if not images_dir.is_dir():
-        what = "training images" if split == "Tr" else "held-out test images the baselines predict"
-        raise NcaError(f"folder does not exist (expected the {what})", images_dir)
-    found = find_raw_cases(folder, split, file_ending)
-    if not found.images:
-        raise NcaError(f"no images named CASE_0000{file_ending}", images_dir)
-    cases = []
-    for name in sorted(found.images):
-        channels = found.images[name]
-        if set(channels) != {0}:
-            raise NcaError(
-                f"case {name!r} has channels {sorted(channels)}; the baselines support exactly one (_0000)",
-                images_dir,
-            )
-        image = read_image(channels[0])
-        if image.is_vector or image.array.ndim not in (2, 3):
-            raise NcaError("expected a single-component 2D or 3D image", channels[0])
-        label = None
-        if with_labels:
-            label_path = folder / f"labels{split}" / f"{name}{file_ending}"
-            if not label_path.is_file():
-                raise NcaError("label file does not exist", label_path)
-            label = _label_array(read_image(label_path).array, label_path)
-            if label.shape != image.array.shape:
-                raise NcaError(
-                    f"label shape {label.shape} differs from the image's {image.array.shape}", label_path
-                )
-        cases.append(Case(name=name, image=image, label=label))
-    return cases
-
-
-def _label_array(array: np.ndarray, path: Path) -> np.ndarray:
-    """Integer labels ``int64`` of the same shape; non-integer or negative values are an error."""
-    if not np.issubdtype(array.dtype, np.integer) and not (
-        np.all(np.isfinite(array)) and np.all(array == np.round(array))
-    ):
-        raise NcaError("label file has non-integer values", path)
-    out = array.astype(np.int64)
-    if out.size and out.min() < 0:
-        raise NcaError(f"label file has negative value {out.min()}", path)
-    return out
+    train, test = load("train", with_labels=True), load("test", with_labels=False)
+    if len({c.array.ndim for c in train + test}) > 1:
+        raise NcaError("mixes 2D and 3D images; use one kind", folder)
+    return Dataset(folder=folder, label_names=[names[v] for v in values], train=train, test=test)
 
 
 def prepare_output(output: Path, dataset: Dataset) -> None:
@@ -237,14 +176,14 @@ def write_prediction(case: Case, labels: np.ndarray, output: Path) -> Path:
 
     Args:
         case: The test case.
-        labels: Integer labels, the shape of ``case.image.array``.
+        labels: Integer labels, the shape of ``case.array``.
         output: The output folder.
 
     Returns:
         The written file.
     """
     dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
-    return write_image(case.image.with_array(labels.astype(dtype)), output / f"{case.name}{FILE_ENDING}")
+    return write_image(case.data.to_image(labels.astype(dtype)), output / f"{case.name}{FILE_ENDING}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,10 +206,10 @@ class Binning:
 
     @classmethod
     def for_images(cls, arrays: Sequence[np.ndarray]) -> Binning:
-        """One bin per integer value for integer images with a small range, else equal bins."""
+        """One bin per integer value for integer-valued images with a small range, else equal bins."""
         lo = min(float(a.min()) for a in arrays)
         hi = max(float(a.max()) for a in arrays)
-        integer = all(np.issubdtype(a.dtype, np.integer) for a in arrays)
+        integer = all(np.array_equal(a, np.round(a)) for a in arrays)
         if integer and hi - lo + 1 <= MAX_INTEGER_BINS:
             return cls(lo=lo - 0.5, width=1.0, count=int(hi - lo) + 1)
         return cls(lo=lo, width=(hi - lo) / FLOAT_BINS if hi > lo else 1.0, count=FLOAT_BINS)
@@ -301,8 +240,8 @@ def label_histograms(
     counts = np.zeros(num_classes * binning.count, dtype=np.float64)
     for case in cases:
         assert case.label is not None
-        keep = case.image.array != 0 if nonzero else np.ones(case.label.shape, dtype=bool)
-        flat = case.label[keep] * binning.count + binning.index(case.image.array[keep])
+        keep = case.array != 0 if nonzero else np.ones(case.label.shape, dtype=bool)
+        flat = case.label[keep] * binning.count + binning.index(case.array[keep])
         counts += np.bincount(flat, minlength=counts.size)
     return counts.reshape(num_classes, binning.count)
 
@@ -422,7 +361,7 @@ def intensity_order(cases: Sequence[Case], num_classes: int) -> list[int]:
     for case in cases:
         assert case.label is not None
         flat = case.label.ravel()
-        sums += np.bincount(flat, weights=case.image.array.ravel().astype(np.float64), minlength=num_classes)
+        sums += np.bincount(flat, weights=case.array.ravel().astype(np.float64), minlength=num_classes)
         counts += np.bincount(flat, minlength=num_classes)
     means = np.where(counts > 0, sums / np.maximum(counts, 1), np.inf)
     return [int(v) for v in np.argsort(means, kind="stable")]
@@ -457,7 +396,7 @@ def fit_thresholds(dataset: Dataset, method: str) -> tuple[ThresholdModel, dict[
         The model and a JSON-able summary (thresholds, label order, training Dice per label, ...).
     """
     k = dataset.num_classes
-    binning = Binning.for_images([c.image.array for c in dataset.train])
+    binning = Binning.for_images([c.array for c in dataset.train])
     order = intensity_order(dataset.train, k)
     hist = label_histograms(dataset.train, binning, k)
     nonzero = method == "otsu" and k > 2
@@ -497,7 +436,7 @@ def run_threshold(args: argparse.Namespace) -> int:
     prepare_output(args.output, dataset)
     model, summary = fit_thresholds(dataset, args.method)
     for case in dataset.test:
-        write_prediction(case, model.apply(case.image.array), args.output)
+        write_prediction(case, model.apply(case.array), args.output)
     write_json(summary, args.output / "thresholds.json")
     shown = ", ".join(f"{t:g}" for t in model.thresholds)
     dice = ", ".join(f"{name} {d:.4f}" for name, d in summary["train_dice"].items())
@@ -585,17 +524,6 @@ def normalize_image(array: np.ndarray, args: argparse.Namespace) -> np.ndarray:
         ``(*S)`` float32.
     """
     return normalize(array[None], args.normalization, tuple(args.ct_window), args.zscore_nonzero)[0]
-
-
-def squeeze_2d(array: np.ndarray, dim: int) -> np.ndarray:
-    """The spatial array the network sees: ``(1, Y, X)`` volumes become ``(Y, X)`` when ``dim`` is 2."""
-    return array.reshape(array.shape[-2:]) if dim == 2 and array.ndim == 3 else array
-
-
-def network_dim(dataset: Dataset) -> int:
-    """2 for 2D images and for 3D files that are all a single slice thick, else 3."""
-    arrays = [c.image.array for c in dataset.train + dataset.test]
-    return 2 if all(a.ndim == 2 or a.shape[0] == 1 for a in arrays) else 3
 
 
 def pad_to(
@@ -741,8 +669,8 @@ def train_unet(
         The :class:`TrainResult`; ``final_loss`` is the mean over the last 10% of iterations.
     """
     rng = np.random.default_rng(args.seed)
-    images = [normalize_image(squeeze_2d(c.image.array, dim), args) for c in dataset.train]
-    labels = [squeeze_2d(c.label, dim) for c in dataset.train if c.label is not None]
+    images = [normalize_image(c.array, args) for c in dataset.train]
+    labels = [c.label for c in dataset.train if c.label is not None]
     patch = choose_patch([a.shape for a in images], 2**args.depth, args.patch)
     batch = args.batch or max(1, min(MAX_AUTO_BATCH, round(VOXELS_PER_BATCH / math.prod(patch))))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -784,15 +712,15 @@ def predict_unet(model: UNet, case: Case, dim: int, args: argparse.Namespace) ->
         args: ``depth`` and the normalisation options.
 
     Returns:
-        ``int64`` labels of the shape of ``case.image.array``.
+        ``int64`` labels of the shape of ``case.array``.
     """
     model.eval()
-    image = normalize_image(squeeze_2d(case.image.array, dim), args)
+    image = normalize_image(case.array, args)
     multiple = 2**args.depth
     padded, _ = pad_to(image, [-(-s // multiple) * multiple for s in image.shape])
     logits = model(torch.from_numpy(np.ascontiguousarray(padded))[None, None])
     labels = logits[0].argmax(dim=0).numpy()[tuple(slice(0, s) for s in image.shape)]
-    return labels.reshape(case.image.array.shape)
+    return labels
 
 
 def run_unet(args: argparse.Namespace) -> int:
@@ -805,7 +733,7 @@ def run_unet(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     dataset = load_dataset(args.data)
     prepare_output(args.output, dataset)
-    dim = network_dim(dataset)
+    dim = dataset.dim
     model = UNet(dim, 1, dataset.num_classes, base=args.base, depth=args.depth)
     params = sum(p.numel() for p in model.parameters())
     print(
