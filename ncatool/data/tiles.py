@@ -82,11 +82,7 @@ def tile_slices(shape: tuple[int, ...], sizes: tuple[int, ...]) -> list[tuple[sl
             f"(give 1 or {len(shape)} sizes, in array order)"
         )
     per_axis = [axis_bounds(n, s) for n, s in zip(shape, sizes, strict=True)]
-    grids = np.stack(np.meshgrid(*[np.arange(len(b)) for b in per_axis], indexing="ij"), -1)
-    return [
-        tuple(slice(*per_axis[axis][index]) for axis, index in enumerate(combo))
-        for combo in grids.reshape(-1, len(shape)).tolist()
-    ]
+    return [tuple(slice(*bounds) for bounds in combo) for combo in itertools.product(*per_axis)]
 
 
 def crop_image(image: Image, region: tuple[slice, ...]) -> Image:

@@ -101,11 +101,12 @@ def common_crop(items: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[to
     if len(set(shapes)) <= 1:
         return items
     smallest = tuple(min(sizes) for sizes in zip(*shapes, strict=True))
+    from ncatool.data.datasets import crop
+
     cropped = []
     for image, label in items:
         starts = [int(torch.randint(0, s - m + 1, ())) for s, m in zip(label.shape, smallest, strict=True)]
-        region = tuple(slice(a, a + m) for a, m in zip(starts, smallest, strict=True))
-        cropped.append((image[(slice(None), *region)], label[region]))
+        cropped.append((crop(image, starts, smallest), crop(label, starts, smallest)))
     return cropped
 
 
