@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ncatool.models.kernels as kernels_module
 import ncatool.models.nca as nca_module
 from ncatool import perf
 from ncatool.bench import (
@@ -144,10 +145,13 @@ CONFIGS = [
 @pytest.mark.parametrize("kw", CONFIGS)
 @pytest.mark.parametrize("every", [0, 1, 2])
 @pytest.mark.parametrize("gather", [True, False])
+@pytest.mark.parametrize("fused", [True, False])
 def test_fast_step_matches_straightforward_step(
-    kw: dict, every: int, gather: bool, monkeypatch: pytest.MonkeyPatch
+    kw: dict, every: int, gather: bool, fused: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(nca_module, "_CHUNK_ROWS", 40)  # exercise the chunked recomputing backward
+    if not fused:  # the PyTorch ops instead of the compiled kernels
+        monkeypatch.setattr(kernels_module, "_LIB", False)
     if not gather:  # the masked (GPU) variant of the update, run on the CPU
         monkeypatch.setattr(nca_module, "GATHER_DEVICES", set())
     torch.manual_seed(0)
