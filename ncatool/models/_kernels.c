@@ -29,12 +29,12 @@ static inline float bf16_to_f32(uint16_t v) {
     return f;
 }
 
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does; branch-free */
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    uint32_t nan = (u >> 16) | 0x40u; /* quiet NaN */
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
 /* index i in [0, n) after padding, or -1 for a zero */
@@ -352,4 +352,98 @@ int64_t mask_indices(const uint8_t *mask, int64_t n, int64_t *out) {
         k += mask[i] != 0;
     }
     return k;
+}
+
+/* ---- the update: new = x + dx at the fired cells (channels k..C-1), then alive masking ---------- */
+
+/* out = x; out[cell_r, k:] += dx[r] for r < n (cells idx[r], or r when idx is NULL) */
+void update_rows(const float *x, int64_t cells, int64_t C, const void *dx, int64_t ld, int bf16,
+                 const int64_t *idx, int64_t n, int64_t k, float *out, int nthreads) {
+    const int64_t m = C - k;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < cells; i++) memcpy(out + i * C, x + i * C, sizeof(float) * (size_t)C);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) {
+            float *o = out + (idx ? idx[r] : r) * C + k;
+            if (bf16) {
+                const uint16_t *s = (const uint16_t *)dx + r * ld;
+                for (int64_t c = 0; c < m; c++) o[c] += bf16_to_f32(s[c]);
+            } else {
+                const float *s = (const float *)dx + r * ld;
+                for (int64_t c = 0; c < m; c++) o[c] += s[c];
+            }
+        }
+    }
+}
+
+/* alive[cell] = some cell of the 3^dim neighbourhood (inside the grid) has x[., channel] > thr */
+void alive_mask(const float *x, int64_t B, int64_t D, int64_t H, int64_t W, int64_t C, int64_t channel,
+                float thr, uint8_t *alive, int nthreads) {
+    const int64_t cells = B * D * H * W, lines = B * D * H;
+    const int rd = D > 1 ? 1 : 0;
+    uint8_t *above = malloc((size_t)cells);
+    if (!above) { /* cannot happen at NCA sizes; mark everything alive rather than crash */
+        memset(alive, 1, (size_t)cells);
+        return;
+    }
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < cells; i++) above[i] = x[i * C + channel] > thr;
+#pragma omp for schedule(static)
+        for (int64_t line = 0; line < lines; line++) { /* one row of W cells at (b, z, y) */
+            const int64_t y = line % H, z = (line / H) % D, b = line / H / D;
+            uint8_t *out = alive + line * W;
+            memset(out, 0, (size_t)W);
+            for (int64_t zz = z - rd; zz <= z + rd; zz++) {
+                if (zz < 0 || zz >= D) continue;
+                for (int64_t yy = y - 1; yy <= y + 1; yy++) {
+                    if (yy < 0 || yy >= H) continue;
+                    const uint8_t *a = above + ((b * D + zz) * H + yy) * W;
+                    for (int64_t v = 0; v < W; v++)
+                        out[v] |= a[v] | (v > 0 ? a[v - 1] : 0) | (v + 1 < W ? a[v + 1] : 0);
+                }
+            }
+        }
+    }
+    free(above);
+}
+
+/* life = pre & post; out[cell] *= life (every channel) */
+void apply_life(float *out, const uint8_t *pre, uint8_t *life, int64_t cells, int64_t C, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < cells; i++) {
+        life[i] = (uint8_t)(life[i] & pre[i]);
+        if (!life[i])
+            for (int64_t c = 0; c < C; c++) out[i * C + c] = 0.0f;
+    }
+}
+
+/* the update's adjoint: gx = g * life; gdx[r] = gx[cell_r, k:] for r < n, 0 for n <= r < rows */
+void update_rows_bwd(const float *g, const uint8_t *life, int64_t cells, int64_t C, const int64_t *idx,
+                     int64_t n, int64_t rows, int64_t k, float *gx, void *gdx, int bf16, int nthreads) {
+    const int64_t m = C - k;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < cells; i++) {
+            if (life && !life[i])
+                memset(gx + i * C, 0, sizeof(float) * (size_t)C);
+            else
+                memcpy(gx + i * C, g + i * C, sizeof(float) * (size_t)C);
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const float *s = gx + (r < n ? (idx ? idx[r] : r) : 0) * C + k;
+            if (bf16) {
+                uint16_t *o = (uint16_t *)gdx + r * m;
+                for (int64_t c = 0; c < m; c++) o[c] = r < n ? f32_to_bf16(s[c]) : 0;
+            } else {
+                float *o = (float *)gdx + r * m;
+                for (int64_t c = 0; c < m; c++) o[c] = r < n ? s[c] : 0.0f;
+            }
+        }
+    }
 }

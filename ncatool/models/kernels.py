@@ -98,6 +98,14 @@ def _declare(lib: Any) -> None:
     lib.relu_backward.restype = None
     lib.mask_indices.argtypes = [ptr, i64, ptr]
     lib.mask_indices.restype = i64
+    lib.update_rows.argtypes = [ptr, i64, i64, ptr, i64, i32, ptr, i64, i64, ptr, i32]
+    lib.update_rows.restype = None
+    lib.alive_mask.argtypes = [*head, i64, ctypes.c_float, ptr, i32]
+    lib.alive_mask.restype = None
+    lib.apply_life.argtypes = [ptr, ptr, ptr, i64, i64, i32]
+    lib.apply_life.restype = None
+    lib.update_rows_bwd.argtypes = [ptr, ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, i32, i32]
+    lib.update_rows_bwd.restype = None
 
 
 def library() -> Any | None:
@@ -363,3 +371,100 @@ def _self_check() -> bool:
         and gb is not None
         and torch.allclose(gb, bias.grad, atol=1e-4)  # type: ignore[arg-type]
     )
+
+
+def update_rows(
+    x: torch.Tensor,
+    dx: torch.Tensor,
+    idx: torch.Tensor | None,
+    fired: int,
+    fixed: int,
+    alive: tuple[int, float] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x`` plus the update of the fired cells, then Growing-NCA alive masking, in three passes.
+
+    Args:
+        x: State ``(B, C, *S)``, float32, channels-last.
+        dx: Updates ``(rows, C - fixed)`` (float32 or bfloat16); rows past ``fired`` are ignored.
+        idx: The fired cells ``(fired,)`` (None: row r is cell r).
+        fired: Rows of ``dx`` to apply.
+        fixed: Leading channels the update leaves alone.
+        alive: ``(channel, threshold)`` for alive masking, or None.
+
+    Returns:
+        The new state (same shape and layout as ``x``) and the ``(cells,)`` bool mask of cells alive
+        before and after (None without alive masking).
+    """
+    lib = library()
+    assert lib is not None
+    b, d, h, w, c = _geometry(x)
+    cells, threads = x.numel() // c, torch.get_num_threads()
+    dx = dx.contiguous()
+    new = torch.empty_like(x)
+    lib.update_rows(
+        x.data_ptr(),
+        cells,
+        c,
+        dx.data_ptr(),
+        dx.shape[1],
+        int(dx.dtype == torch.bfloat16),
+        _ptr(idx),
+        fired,
+        fixed,
+        new.data_ptr(),
+        threads,
+    )
+    if alive is None:
+        return new, None
+    pre, life = torch.empty(cells, dtype=torch.bool), torch.empty(cells, dtype=torch.bool)
+    channel, threshold = alive
+    lib.alive_mask(x.data_ptr(), b, d, h, w, c, channel, threshold, pre.data_ptr(), threads)
+    lib.alive_mask(new.data_ptr(), b, d, h, w, c, channel, threshold, life.data_ptr(), threads)
+    lib.apply_life(new.data_ptr(), pre.data_ptr(), life.data_ptr(), cells, c, threads)
+    return new, life
+
+
+def update_rows_backward(
+    grad: torch.Tensor,
+    life: torch.Tensor | None,
+    idx: torch.Tensor | None,
+    fired: int,
+    rows: int,
+    fixed: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adjoint of :func:`update_rows`.
+
+    Args:
+        grad: ``d new`` ``(B, C, *S)`` float32, channels-last.
+        life: The mask :func:`update_rows` returned, or None.
+        idx: As for :func:`update_rows`.
+        fired: As for :func:`update_rows`.
+        rows: Rows of ``d dx`` to return (the padded row count).
+        fixed: As for :func:`update_rows`.
+        dtype: dtype of ``d dx``.
+
+    Returns:
+        ``d x`` as ``(cells, C)`` float32 (the state's own path) and ``d dx`` ``(rows, C - fixed)``.
+    """
+    lib = library()
+    assert lib is not None
+    c = grad.shape[1]
+    cells = grad.numel() // c
+    g_x = torch.empty(cells, c)
+    g_dx = torch.empty(rows, c - fixed, dtype=dtype)
+    lib.update_rows_bwd(
+        grad.data_ptr(),
+        _ptr(life),
+        cells,
+        c,
+        _ptr(idx),
+        fired,
+        rows,
+        fixed,
+        g_x.data_ptr(),
+        g_dx.data_ptr(),
+        int(dtype == torch.bfloat16),
+        torch.get_num_threads(),
+    )
+    return g_x, g_dx

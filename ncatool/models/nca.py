@@ -498,6 +498,9 @@ class _StepPlan:
             self.idx_rows = idx
             self.idx = idx[: self.fired]
 
+        self.n_rows = self.idx_rows.numel() if self.idx_rows is not None else self.fired
+        # the update and alive masking through the fused kernels (not for the masked variant)
+        self.fused_update = self.use_kernels and self.mask_rows is None
         order = nca.perception.fast_order
         w0 = nca.rule.fc0.weight.flatten(1)  # (hidden, perception [+ cond])
         n_feat = order.numel()
@@ -627,6 +630,39 @@ class _StepPlan:
             new = new * self.life(x, new).to(new.dtype)
         return new
 
+    def update_backward(
+        self, grad: torch.Tensor, life: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adjoint of :meth:`update`: ``(d x (cells, C), d dx (rows, C - fixed))``; ``d x`` may be
+        a view of ``grad``."""
+        grad = grad.contiguous(memory_format=self.memory_format)
+        if life is not None:
+            grad = grad * life.to(grad.dtype)
+        g_state = grad.permute(self.to_rows).reshape(self.cells, self.channels)  # d new / d x = 1
+        g_dx = g_state[:, self.cfg.fixed_channels :]
+        if self.mask_rows is not None:
+            g_dx = g_dx * self.mask_rows
+        if self.idx is not None:
+            g_dx = g_dx.index_select(0, self.idx)
+            if self.n_rows > self.fired:
+                g_dx = torch.cat([g_dx, g_dx.new_zeros(self.n_rows - self.fired, g_dx.shape[1])])
+        return g_state, g_dx.contiguous().to(self.compute)
+
+    def update_fused(self, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`update` through the fused kernels: the new state and the ``(cells,)`` life mask."""
+        cfg = self.cfg
+        alive = (cfg.alive_channel, cfg.alive_threshold) if cfg.alive_channel is not None else None
+        return kernels.update_rows(x, dx, self.idx, self.fired, cfg.fixed_channels, alive)
+
+    def update_fused_backward(
+        self, grad: torch.Tensor, life: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adjoint of :meth:`update_fused`: ``(d x (cells, C), d dx (rows, C - fixed))``."""
+        grad = grad.float().contiguous(memory_format=self.memory_format)
+        return kernels.update_rows_backward(
+            grad, life, self.idx, self.fired, self.n_rows, self.cfg.fixed_channels, self.compute
+        )
+
     def life(self, x: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """Alive before and after the step (Growing NCA)."""
         cfg = self.cfg
@@ -655,6 +691,22 @@ class _PerceiveRows(torch.autograd.Function):
         return (None, plan.cells_to_state(g_x) if g_x is not None else None, *g_kernels)
 
 
+class _UpdateRows(torch.autograd.Function):
+    """The state update and alive masking through the fused kernels (:meth:`_StepPlan.update_fused`)."""
+
+    @staticmethod
+    def forward(ctx: Any, plan: _StepPlan, x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        new, ctx.life = plan.update_fused(x, dx)
+        ctx.plan = plan
+        return new
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        plan: _StepPlan = ctx.plan
+        g_x, g_dx = plan.update_fused_backward(grad, ctx.life)
+        return None, plan.cells_to_state(g_x), g_dx
+
+
 class _RecomputeStep(torch.autograd.Function):
     """One whole fast step as a single autograd node that keeps only its input and the fire mask.
 
@@ -680,8 +732,11 @@ class _RecomputeStep(torch.autograd.Function):
             del rows
             dx = _linear(h, w1, None)
             del h
-        new_pre = plan.update(x, dx, alive=False) if plan.cfg.alive_channel is not None else None
-        if new_pre is not None:
+        alive = plan.cfg.alive_channel is not None and not plan.fused_update
+        new_pre = plan.update(x, dx, alive=False) if alive else None
+        if plan.fused_update:
+            new, ctx.life = plan.update_fused(x, dx)
+        elif new_pre is not None:
             life = plan.life(x, new_pre)
             new = new_pre * life.to(new_pre.dtype)
             ctx.life = life
@@ -697,20 +752,10 @@ class _RecomputeStep(torch.autograd.Function):
         plan: _StepPlan = ctx.plan
         x, w0, b0, w1, *kernel_tensors = ctx.saved_tensors
         needs = ctx.needs_input_grad  # (plan, x, w0, b0, w1, *kernels)
-        grad = grad.contiguous(memory_format=plan.memory_format)
-        if ctx.life is not None:
-            grad = grad * ctx.life.to(grad.dtype)
-        g_state = grad.permute(plan.to_rows).reshape(plan.cells, plan.channels)  # d new / d x = 1
-        k = plan.cfg.fixed_channels
-        g_dx = g_state[:, k:]
-        if plan.mask_rows is not None:
-            g_dx = g_dx * plan.mask_rows
-        if plan.idx is not None:
-            g_dx = g_dx.index_select(0, plan.idx)
-            n_rows = plan.idx_rows.numel() if plan.idx_rows is not None else plan.fired
-            if n_rows > plan.fired:
-                g_dx = torch.cat([g_dx, g_dx.new_zeros(n_rows - plan.fired, g_dx.shape[1])])
-        g_dx = g_dx.contiguous().to(plan.compute)
+        if plan.fused_update:
+            g_state, g_dx = plan.update_fused_backward(grad, ctx.life)
+        else:
+            g_state, g_dx = plan.update_backward(grad, ctx.life)
 
         with torch.no_grad():
             rows = plan.gather_rows(x, kernel_tensors)
@@ -723,7 +768,8 @@ class _RecomputeStep(torch.autograd.Function):
         c = plan.channels
         kernel_needs = needs[5:]
         if plan.use_kernels:
-            g_x = g_state.clone() if needs[1] else None  # the state's own path, then the perception's
+            # d x: the state's own path (a fresh buffer from the fused update), then the perception's
+            g_x = (g_state if plan.fused_update else g_state.clone()) if needs[1] else None
             g_kernels = plan.rows_backward(x, kernel_tensors, g_rows, g_x, kernel_needs)
             return (None, plan.cells_to_state(g_x) if g_x is not None else None, g_w0, g_b0, g_w1, *g_kernels)
         g_kernels: list[torch.Tensor | None] = [None] * len(kernel_tensors)
@@ -823,6 +869,8 @@ class NCA(nn.Module):
         else:
             rows = plan.rows(plan.perceive(plan.x, plan.kernel_tensors)).to(plan.compute)
         dx = _CellMLP.apply(rows, plan.w0, plan.b0, plan.w1, plan.which)
+        if plan.fused_update:
+            return _UpdateRows.apply(plan, plan.x, dx)
         return plan.update(plan.x, dx)
 
     def _step_reference(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
