@@ -154,6 +154,13 @@ def default_workloads(
     return out
 
 
+def fused_kernels_available() -> bool:
+    """Whether the fast step runs on the compiled CPU kernels here (:mod:`ncatool.models.kernels`)."""
+    from ncatool.models import kernels
+
+    return kernels.library() is not None
+
+
 def parse_variant(name: str) -> tuple[str, int]:
     """``"bf16+ckpt2"`` → ``("bf16", 2)``.
 
@@ -619,6 +626,7 @@ def run_benchmarks(
             "cores": os.cpu_count(),
             "threads": threads,
             "malloc_tuned": settings["malloc_tuned"],
+            "fused_kernels": fused_kernels_available(),
             "glibc": settings["glibc"],
             "load_before": load_before,
             "load_after": _load(),

@@ -144,3 +144,51 @@ def test_build_goes_to_the_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert kernels.library() is not None
     built = list((tmp_path / "cache").iterdir())
     assert len(built) == 1 and built[0].suffix == ".so"  # no temporary files left
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("spatial", "fixed", "alive", "dtype"),
+    [
+        ((6, 7), 0, (3, 0.1), torch.float32),
+        ((6, 7), 2, None, torch.bfloat16),
+        ((4, 5, 3), 1, (0, 0.3), torch.bfloat16),
+        ((1, 5, 3), 0, (1, 0.2), torch.float32),
+    ],
+)
+@pytest.mark.parametrize("gather", [True, False])
+def test_update_rows_and_backward_equal_pytorch(
+    spatial: tuple[int, ...], fixed: int, alive: tuple[int, float] | None, dtype: torch.dtype, gather: bool
+) -> None:
+    from ncatool.models.nca import alive_mask
+
+    gen = torch.Generator().manual_seed(5)
+    b, c = 2, 6
+    fmt = torch.channels_last if len(spatial) == 2 else torch.channels_last_3d
+    x = torch.rand(b, c, *spatial, generator=gen).contiguous(memory_format=fmt)
+    cells = x.numel() // c
+    idx = (torch.rand(cells, generator=gen) < 0.5).nonzero().squeeze(1) if gather else None
+    fired = idx.numel() if idx is not None else cells
+    rows = fired + 3 if gather else fired  # padded rows are ignored
+    dx = (torch.randn(rows, c - fixed, generator=gen) * 0.3).to(dtype)
+    new, life = kernels.update_rows(x, dx, idx, fired, fixed, alive)
+
+    full = torch.zeros(cells, c)
+    where = idx if idx is not None else torch.arange(cells)
+    full[where, fixed:] = dx[:fired].float()
+    expected = x + full.view(b, *spatial, c).permute(0, -1, *range(1, len(spatial) + 1))
+    mask = None
+    if alive is not None:
+        mask = alive_mask(x, *alive) & alive_mask(expected, *alive)
+        expected = expected * mask
+        assert life is not None
+        assert torch.equal(life, mask.permute(0, *range(2, x.dim()), 1).reshape(-1))
+    torch.testing.assert_close(new, expected, rtol=1e-6, atol=1e-6)
+
+    grad = torch.randn(x.shape, generator=gen).contiguous(memory_format=fmt)
+    g_x, g_dx = kernels.update_rows_backward(grad, life, idx, fired, rows, fixed, dtype)
+    g_eff = grad * mask if mask is not None else grad
+    g_rows = g_eff.permute(0, *range(2, x.dim()), 1).reshape(-1, c)
+    torch.testing.assert_close(g_x, g_rows)
+    assert torch.equal(g_dx[:fired], g_rows[where, fixed:].to(dtype))
+    assert not g_dx[fired:].any()

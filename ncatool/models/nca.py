@@ -23,7 +23,13 @@ measured on 2 CPU cores against ``benchmarks/reference_nca.py``, see ``benchmark
   0.5); row counts are padded to a few fixed sizes so oneDNN reuses its kernels;
 - the MLP has a hand-written backward (``_CellMLP``); with gradient checkpointing each step is one
   autograd node that keeps only its input and fire mask and recomputes the rest (``_RecomputeStep``);
-- the alive mask is a dilation of ``alpha > threshold`` (shifted ORs) instead of a max-pool.
+- the alive mask is a dilation of ``alpha > threshold`` (shifted ORs) instead of a max-pool;
+- on CPU, where a C compiler is present, :mod:`ncatool.models.kernels` fuses the memory-bound parts:
+  the perception of the fired cells straight into the MLP's rows (no convolution over every cell, no
+  concatenation, gather or cast) and its adjoint, the update with alive masking and its adjoint, the
+  ReLU backward and the fire-mask indices (1 thread, 64x64x8: training 2.97 -> 3.40 M cell-updates/s
+  fp32, 4.66 -> 6.67 bf16; inference 9.1 -> 12.8 fp32, 13.8 -> 20.1 bf16). Without a compiler the
+  same step runs on PyTorch ops.
 Results equal the plain step to float32 rounding, with the same random draws (tests/test_perf.py).
 """
 
