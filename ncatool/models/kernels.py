@@ -1,23 +1,27 @@
-"""Fused CPU kernels for the perception of the fast NCA step, compiled on first use.
+"""Fused CPU kernels for the memory-bound parts of the fast NCA step, compiled on first use.
 
 The fast step (:mod:`ncatool.models.nca`) feeds the MLP only the cells that fire. In PyTorch that
-takes one depthwise convolution per filter over *every* cell, a concatenation, a row gather, a dtype
-cast and, backward, a zero-filled scatter of the rows' gradient and one convolution backward per
-filter: about a third of a bf16 training step on 2 cores goes to these memory-bound passes.
-``_kernels.c`` does each direction in one pass over the fired cells only:
+takes one depthwise convolution per filter over *every* cell, a concatenation, a row gather and a
+dtype cast; backward, a zero-filled scatter of the rows' gradient and one convolution backward per
+filter; then a clone, an index-add, two dilated alive masks and a multiply for the update. On 2 cores
+these passes took about a third of a bf16 training step. ``_kernels.c`` does each in one pass:
 
-- :func:`perceive_rows`: ``rows[r] = [x | filter_1(x) | ... ]`` at cell ``idx[r]``, written in the
-  MLP's dtype (float32 or bfloat16, rounded to nearest even as ``Tensor.to`` does);
-- :func:`perceive_rows_backward`: the adjoint, into ``d x`` and ``d weight``/``d bias`` of learned
-  filters.
+- :func:`perceive_rows` / :func:`perceive_rows_backward`: ``rows[r] = [x | filter_1(x) | ...]`` at
+  the fired cells only, written in the MLP's dtype (float32, or bfloat16 rounded to nearest even as
+  ``Tensor.to`` rounds), and the adjoint into ``d x`` and the learned filters' ``d weight``/``d bias``;
+  any odd kernel size, 2D and 3D, all four padding modes;
+- :func:`update_rows` / :func:`update_rows_backward`: ``x`` plus the fired rows' update, Growing-NCA
+  alive masking (3^dim dilation of ``alpha > threshold`` before and after), and the adjoint;
+- :func:`relu_backward_` (ReLU's backward in place) and :func:`mask_indices` (``nonzero`` of the
+  fire mask in one sequential pass).
 
-Any odd kernel size, 2D and 3D, all four padding modes. The C source is compiled with the system C
-compiler (``$CC`` or ``cc``, ``-O3 -march=native -fopenmp``) into ``$NCATOOL_CACHE_DIR`` (default
-``~/.cache/ncatool``), keyed by a hash of the source, flags and CPU, written under a temporary name and
-renamed; it links against the OpenMP runtime PyTorch has already loaded, so both share one thread pool.
-Where there is no compiler, the build fails, or a numeric self-check against PyTorch's convolution
-fails, :func:`library` returns None and the step runs on PyTorch ops (same results to float32
-rounding). ``NCATOOL_KERNELS=0`` turns the kernels off.
+The C source is compiled with the system C compiler (``$CC`` or ``cc``, ``-O3 -march=native
+-fopenmp``) into ``$NCATOOL_CACHE_DIR`` (default ``~/.cache/ncatool``), keyed by a hash of the
+source, flags and CPU, written under a temporary name and renamed; it links against the OpenMP
+runtime PyTorch has already loaded, so both share one thread pool. Where there is no compiler, the
+build fails, or a numeric self-check against PyTorch fails, :func:`library` returns None and the
+step runs on PyTorch ops (same results to float32 rounding). ``NCATOOL_KERNELS=0`` turns the kernels
+off.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ _SOURCE = Path(__file__).with_name("_kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99")
 PADDING_CODES = {"zeros": 0, "reflect": 1, "replicate": 2, "circular": 3}
 MAX_CHANNELS = 1024  # MAX_C in _kernels.c
+MAX_TAPS = 1331  # MAX_TAPS in _kernels.c: kernels up to 11^3
 
 _LIB: Any = None  # None: not tried yet; False: unavailable
 
@@ -69,6 +74,7 @@ def _build(compiler: str) -> Path | None:
     target = cache_dir() / f"nca_kernels-{key}.so"
     if target.is_file():
         return target
+    tmp = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".nca_kernels-", suffix=".so", dir=target.parent)
@@ -77,11 +83,14 @@ def _build(compiler: str) -> Path | None:
             [compiler, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120
         )
         if done.returncode != 0:
-            os.unlink(tmp)
             return None
         os.replace(tmp, target)
+        tmp = None
     except (OSError, subprocess.SubprocessError):
         return None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return target
 
 
