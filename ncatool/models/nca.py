@@ -739,17 +739,14 @@ class _RecomputeStep(torch.autograd.Function):
             del rows
             dx = _linear(h, w1, None)
             del h
-        alive = plan.cfg.alive_channel is not None and not plan.fused_update
-        new_pre = plan.update(x, dx, alive=False) if alive else None
         if plan.fused_update:
             new, ctx.life = plan.update_fused(x, dx)
-        elif new_pre is not None:
-            life = plan.life(x, new_pre)
-            new = new_pre * life.to(new_pre.dtype)
-            ctx.life = life
+        elif plan.cfg.alive_channel is not None:
+            new_pre = plan.update(x, dx, alive=False)
+            ctx.life = plan.life(x, new_pre)
+            new = new_pre * ctx.life.to(new_pre.dtype)
         else:
-            new = plan.update(x, dx)
-            ctx.life = None
+            new, ctx.life = plan.update(x, dx), None
         ctx.plan = plan
         ctx.save_for_backward(x, w0, b0, w1, *kernel_tensors)
         return new
