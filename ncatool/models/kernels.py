@@ -161,38 +161,40 @@ Filter = tuple[torch.Tensor, "torch.Tensor | None"]
 
 
 class _Group:
-    """Consecutive filters of one kernel size, packed as the kernels read them.
+    """Consecutive filters of one kernel size, packed as the kernels read them (may be empty).
 
     Attributes:
         first: Index of the group's first filter.
         members: The filters ``(weight (C, 1, *k), bias or None)``.
-        radii: ``(rd, rh, rw)``.
-        taps: float32 ``(nf, K, C)``.
+        radii: ``(rd, rh, rw)`` (zeros for an empty group).
+        taps: float32 ``(nf, K, C)``, or None for an empty group.
         bias: float32 ``(nf, C)`` (zeros for filters without a bias), or None if none has one.
     """
 
     def __init__(self, first: int, members: list[Filter]) -> None:
         self.first, self.members = first, members
-        self.radii = _radii(members[0][0])
-        c = members[0][0].shape[0]
-        self.taps = torch.stack([w.detach().reshape(c, -1).t().float() for w, _ in members]).contiguous()
-        has_bias = any(b is not None for _, b in members)
-        self.bias = (
-            torch.stack([b.detach().float() if b is not None else torch.zeros(c) for _, b in members])
-            if has_bias
-            else None
-        )
+        self.radii = _radii(members[0][0]) if members else (0, 0, 0)
+        self.taps: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        if members:
+            c = members[0][0].shape[0]
+            self.taps = torch.stack([w.detach().reshape(c, -1).t().float() for w, _ in members]).contiguous()
+            if any(b is not None for _, b in members):
+                self.bias = torch.stack(
+                    [b.detach().float() if b is not None else torch.zeros(c) for _, b in members]
+                )
 
 
 def _groups(filters: Sequence[Filter]) -> list[_Group]:
-    """Runs of consecutive filters with the same kernel size."""
+    """Runs of consecutive filters with the same kernel size: one kernel call each, the first of
+    which also handles the identity block (an empty group when there are no filters)."""
     runs: list[tuple[int, list[Filter]]] = []
     for i, f in enumerate(filters):
         if runs and _radii(f[0]) == _radii(runs[-1][1][0][0]):
             runs[-1][1].append(f)
         else:
             runs.append((i, [f]))
-    return [_Group(first, members) for first, members in runs]
+    return [_Group(first, members) for first, members in runs] or [_Group(0, [])]
 
 
 def _check(err: int, name: str) -> None:
@@ -227,28 +229,12 @@ def perceive_rows(
     out = torch.empty(n, width, dtype=dtype)
     tail = (PADDING_CODES[padding], _ptr(idx), n, out.data_ptr(), width)
     bf16, threads = int(dtype == torch.bfloat16), torch.get_num_threads()
-    groups = _groups(filters) or [None]
-    for i, g in enumerate(groups):
-        nf, radii = (len(g.members), g.radii) if g is not None else (0, (0, 0, 0))
-        col = 0 if i == 0 else c * (1 + g.first)  # type: ignore[union-attr]
-        taps, bias = (g.taps, g.bias) if g is not None else (None, None)
+    for i, g in enumerate(_groups(filters)):
+        col = 0 if i == 0 else c * (1 + g.first)
         err = lib.perceive_rows(
-            x.data_ptr(),
-            b,
-            d,
-            h,
-            w,
-            c,
-            _ptr(taps),
-            _ptr(bias),
-            nf,
-            int(i == 0),
-            *radii,
-            *tail,
-            col,
-            bf16,
-            threads,
-        )
+            x.data_ptr(), b, d, h, w, c, _ptr(g.taps), _ptr(g.bias), len(g.members), int(i == 0),
+            *g.radii, *tail, col, bf16, threads,
+        )  # fmt: skip
         _check(err, "perceive_rows")
     return out
 
@@ -284,37 +270,19 @@ def perceive_rows_backward(
     bf16, threads = int(grad.dtype == torch.bfloat16), torch.get_num_threads()
     tail = (PADDING_CODES[padding], _ptr(idx), n, grad.data_ptr(), grad.shape[1])
     out: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)] * len(filters)
-    groups = _groups(filters) or [None]
-    for i, g in enumerate(groups):
-        members = range(g.first, g.first + len(g.members)) if g is not None else range(0)
+    for i, g in enumerate(_groups(filters)):
+        members = range(g.first, g.first + len(g.members))
         need_w = any(needs[j][0] for j in members)
-        need_b = g is not None and g.bias is not None and any(needs[j][1] for j in members)
-        if grad_x is None and not need_w and not need_b and i > 0:
+        need_b = g.bias is not None and any(needs[j][1] for j in members)
+        if grad_x is None and not need_w and not need_b:
             continue
-        nf, radii = (len(g.members), g.radii) if g is not None else (0, (0, 0, 0))
-        taps = g.taps if g is not None else None
-        gw = torch.zeros_like(taps) if need_w and taps is not None else None
-        gb = torch.zeros(nf, c) if need_b else None
-        col = 0 if i == 0 else c * (1 + g.first)  # type: ignore[union-attr]
+        gw = torch.zeros_like(g.taps) if need_w and g.taps is not None else None
+        gb = torch.zeros(len(g.members), c) if need_b else None
+        col = 0 if i == 0 else c * (1 + g.first)
         err = lib.perceive_rows_bwd(
-            x.data_ptr(),
-            b,
-            d,
-            h,
-            w,
-            c,
-            _ptr(taps),
-            nf,
-            int(i == 0),
-            *radii,
-            *tail,
-            col,
-            bf16,
-            _ptr(grad_x),
-            _ptr(gw),
-            _ptr(gb),
-            threads,
-        )
+            x.data_ptr(), b, d, h, w, c, _ptr(g.taps), len(g.members), int(i == 0), *g.radii, *tail,
+            col, bf16, _ptr(grad_x), _ptr(gw), _ptr(gb), threads,
+        )  # fmt: skip
         _check(err, "perceive_rows_bwd")
         for k, j in enumerate(members):
             weight, bias = filters[j]
