@@ -13,14 +13,15 @@
                      them) and unique, so that each thread owns whole batch items and never shares a
                      cell of gx.
 
-   Padding follows torch.nn.functional.pad: 0 zeros, 1 reflect, 2 replicate, 3 circular. */
+   Padding follows torch.nn.functional.pad: 0 zeros, 1 reflect, 2 replicate, 3 circular.
+
+   Also: update_rows / alive_mask / apply_life / update_rows_bwd (the state update of the fired
+   cells, Growing-NCA alive masking and their adjoint), relu_backward, mask_indices. */
 
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
-
-#define MAX_C 1024
 
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
@@ -48,14 +49,14 @@ static inline int64_t pad_index(int64_t i, int64_t n, int mode) {
     }
 }
 
+#define MAX_TAPS 1331 /* kernels up to 11^3 */
+
 typedef struct {
     int64_t B, D, H, W, C;
     int rd, rh, rw, mode, K;
     double inv_w, inv_h, inv_d;
-    int64_t off[1331]; /* interior neighbour offsets, up to 11^3 taps */
+    int64_t off[MAX_TAPS]; /* interior neighbour offsets */
 } geom_t;
-
-#define MAX_TAPS 1331
 
 static int geom_init(geom_t *g, int64_t B, int64_t D, int64_t H, int64_t W, int64_t C, int rd, int rh,
                      int rw, int mode) {
@@ -63,7 +64,7 @@ static int geom_init(geom_t *g, int64_t B, int64_t D, int64_t H, int64_t W, int6
     g->rd = rd, g->rh = rh, g->rw = rw, g->mode = mode;
     g->K = (2 * rd + 1) * (2 * rh + 1) * (2 * rw + 1);
     g->inv_w = 1.0 / (double)W, g->inv_h = 1.0 / (double)H, g->inv_d = 1.0 / (double)D;
-    if (g->K > MAX_TAPS || C > MAX_C) return 1;
+    if (g->K > MAX_TAPS) return 1;
     int k = 0;
     for (int dz = -rd; dz <= rd; dz++)
         for (int dy = -rh; dy <= rh; dy++)

@@ -42,7 +42,6 @@ import torch
 _SOURCE = Path(__file__).with_name("_kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99")
 PADDING_CODES = {"zeros": 0, "reflect": 1, "replicate": 2, "circular": 3}
-MAX_CHANNELS = 1024  # MAX_C in _kernels.c
 MAX_TAPS = 1331  # MAX_TAPS in _kernels.c: kernels up to 11^3
 
 _LIB: Any = None  # None: not tried yet; False: unavailable
@@ -199,7 +198,7 @@ def _groups(filters: Sequence[Filter]) -> list[_Group]:
 
 def _check(err: int, name: str) -> None:
     if err:
-        raise RuntimeError(f"{name} failed (code {err}: too many channels or taps, or out of memory)")
+        raise RuntimeError(f"{name} failed (code {err}: too many taps, or out of memory)")
 
 
 def perceive_rows(

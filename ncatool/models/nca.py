@@ -479,7 +479,6 @@ class _StepPlan:
             device.type == "cpu"
             and x.dtype == torch.float32
             and self.compute in (torch.float32, torch.bfloat16)
-            and self.channels <= kernels.MAX_CHANNELS
             and all((2 * r + 1) ** dim <= kernels.MAX_TAPS for r in self.radii)
             and kernels.library() is not None
         )
