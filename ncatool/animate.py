@@ -17,22 +17,22 @@ What is drawn depends on the checkpoint's task (``payload["task"]``):
 * ``digits``: all ten classes growing side by side (channel 0, white on black); damage works too.
 
 ``hidden=K`` adds the first K hidden channels of the state (blue negative, white zero, red positive,
-scaled per frame and channel by the largest magnitude): a row below the main panels (a 2D slice for
-3D models), or for digits one row per channel under the ten classes.
+scaled per frame and channel by the 99th percentile of the magnitude): a row below the main panels (a
+2D slice for 3D models), or for digits one row per channel under the ten classes.
 
 Frames: one for the initial state (step 0), one after every ``every``-th step, one after the last
 step, and (with damage) one right after the damage: :func:`frame_steps`. Without damage there are
 ``1 + ceil(total_steps / every)`` frames. Each frame carries a header with the step number.
+
+This module is the orchestration: a :class:`Source` runs the model and renders each state, and
+:func:`render` schedules the frames and hands them to the writers. How a picture is drawn lives in
+:mod:`ncatool.viz` (colours, the grid, slices of volumes, the header, GIF/MP4/PNG writers).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import os
-import shutil
-import subprocess
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,36 +41,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ncatool.console import ProgressBars
 from ncatool.errors import NcaError
+from ncatool.viz.colour import OVERLAYS, gray_to_rgb, hidden_tiles, overlay_probs, rgba_to_rgb, window
+from ncatool.viz.grid import HIDDEN_PER_ROW, TILES_PER_ROW_2D, in_rows, tile_grid, upscale
+from ncatool.viz.text import FrameComposer
+from ncatool.viz.volume import VolumeView, take_slice
+from ncatool.viz.writers import FrameWriter, PngFramesWriter, animation_writer, output_format
 
-#: Output formats by extension.
-FORMATS: tuple[str, ...] = (".gif", ".mp4")
-#: Overlay modes for segmentation.
-OVERLAYS: tuple[str, ...] = ("mask", "prob")
 #: Tasks this module can animate.
 ANIMATABLE_TASKS: tuple[str, ...] = ("seg2d", "seg3d", "grow", "digits")
-#: At most this many slices in a 3D montage.
-MONTAGE_MAX = 16
-#: Hidden-channel tiles per row (segmentation and growing).
-HIDDEN_PER_ROW = 8
-#: 2D segmentation and growing: the image and its hidden channels share rows of this many tiles.
-TILES_PER_ROW_2D = 6
-#: Header font size (Pillow's default font; a fixed bitmap font where FreeType is missing).
-FONT_SIZE = 14
-#: Colours of labels 1, 2, ... (repeated beyond).
-LABEL_COLOURS = np.array(
-    [[255, 48, 48], [48, 220, 48], [64, 128, 255], [255, 220, 0], [0, 230, 230], [230, 60, 230]],
-    dtype=np.float32,
-)
-GAP = 4  # pixels between panels (after scaling)
-BACKGROUND = (24, 24, 24)
-HEADER_TEXT = (240, 240, 240)
-MASK_ALPHA = 0.5
-PROB_ALPHA = 0.7
 
 
 # --------------------------------------------------------------------------------------------------
-# Frame schedule and output checks
+# Frame schedule
 # --------------------------------------------------------------------------------------------------
 
 
@@ -89,208 +73,10 @@ def frame_steps(total: int, every: int, extra: Sequence[int] = ()) -> list[int]:
     return sorted(steps)
 
 
-def output_format(path: str | Path) -> str:
-    """``gif`` or ``mp4`` for an output path; checks ffmpeg for MP4.
-
-    Raises:
-        NcaError: Unknown extension, or MP4 without ffmpeg on the PATH.
-    """
-    path = Path(path)
-    ext = path.suffix.lower()
-    if ext not in FORMATS:
-        shown = ext or "no extension"
-        raise NcaError(f"unsupported animation format ({shown}); use .gif or .mp4", path)
-    if ext == ".mp4" and shutil.which("ffmpeg") is None:
-        raise NcaError("writing .mp4 needs ffmpeg on the PATH, which was not found; use .gif instead", path)
-    return ext[1:]
-
-
 # --------------------------------------------------------------------------------------------------
-# Pictures
+# What a source gives, and helpers for writing one (the sources use only these and ncatool.viz)
 # --------------------------------------------------------------------------------------------------
 
-
-def gray_to_rgb(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Intensities ``(H, W)`` mapped from ``[lo, hi]`` to uint8 gray ``(H, W, 3)``."""
-    span = hi - lo if hi > lo else 1.0
-    g = np.clip((image.astype(np.float32) - lo) / span, 0.0, 1.0) * 255.0
-    return np.repeat((g + 0.5).astype(np.uint8)[..., None], 3, axis=-1)
-
-
-def overlay_probs(gray: np.ndarray, probs: np.ndarray, mode: str = "mask") -> np.ndarray:
-    """Overlay per-label probabilities on an RGB image.
-
-    Args:
-        gray: ``(H, W, 3)`` uint8 background.
-        probs: ``(n_out, H, W)`` probabilities of labels ``1..n_out``.
-        mode: ``mask`` (colour where the highest probability > 0.5, opacity 0.5) or ``prob`` (colour
-            of the most likely label at opacity ``0.7 * probability``).
-
-    Returns:
-        ``(H, W, 3)`` uint8.
-    """
-    best = probs.max(axis=0)
-    idx = probs.argmax(axis=0)
-    colour = LABEL_COLOURS[idx % len(LABEL_COLOURS)]
-    if mode == "mask":
-        alpha = np.where(best > 0.5, MASK_ALPHA, 0.0).astype(np.float32)
-    else:
-        alpha = (PROB_ALPHA * np.clip(best, 0.0, 1.0)).astype(np.float32)
-    out = gray.astype(np.float32) * (1.0 - alpha[..., None]) + colour * alpha[..., None]
-    return (out + 0.5).clip(0, 255).astype(np.uint8)
-
-
-def diverging(channel: np.ndarray) -> np.ndarray:
-    """One hidden channel ``(H, W)`` → blue (negative) / white (0) / red (positive), uint8 RGB.
-
-    Values are divided by the 99th percentile of their magnitude (per call; the largest magnitude
-    when that is 0) and clipped, so one extreme cell (e.g. the seed) does not wash out the rest.
-    """
-    v = channel.astype(np.float32)
-    mag = np.abs(v)
-    peak = float(np.percentile(mag, 99.0)) if v.size else 0.0
-    if peak <= 0 and v.size:
-        peak = float(mag.max())
-    v = v / peak if peak > 0 else np.zeros_like(v)
-    pos, neg = np.clip(v, 0.0, 1.0), np.clip(-v, 0.0, 1.0)
-    rgb = np.stack([1.0 - neg, 1.0 - pos - neg, 1.0 - pos], axis=-1)
-    return (rgb.clip(0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def upscale(tile: np.ndarray, scale: int) -> np.ndarray:
-    """Nearest-neighbour enlargement of ``(H, W, 3)`` by an integer factor."""
-    if scale == 1:
-        return tile
-    return np.repeat(np.repeat(tile, scale, axis=0), scale, axis=1)
-
-
-def grid(tiles: Sequence[np.ndarray], cols: int, gap: int = GAP) -> np.ndarray:
-    """Tiles ``(h, W, 3)`` placed row by row on the background, each cell as large as the largest."""
-    if not tiles:
-        return np.zeros((0, 0, 3), np.uint8)
-    cols = max(1, min(cols, len(tiles)))
-    rows = math.ceil(len(tiles) / cols)
-    th = max(t.shape[0] for t in tiles)
-    tw = max(t.shape[1] for t in tiles)
-    canvas = np.empty((rows * th + (rows - 1) * gap, cols * tw + (cols - 1) * gap, 3), np.uint8)
-    canvas[:] = BACKGROUND
-    for i, tile in enumerate(tiles):
-        r, c = divmod(i, cols)
-        y, x = r * (th + gap), c * (tw + gap)
-        canvas[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
-    return canvas
-
-
-def stack_rows(parts: Sequence[np.ndarray], gap: int = GAP) -> np.ndarray:
-    """Blocks stacked vertically, left-aligned, on the background."""
-    parts = [p for p in parts if p.size]
-    width = max(p.shape[1] for p in parts)
-    height = sum(p.shape[0] for p in parts) + gap * (len(parts) - 1)
-    canvas = np.empty((height, width, 3), np.uint8)
-    canvas[:] = BACKGROUND
-    y = 0
-    for p in parts:
-        canvas[y : y + p.shape[0], : p.shape[1]] = p
-        y += p.shape[0] + gap
-    return canvas
-
-
-class FrameComposer:
-    """Puts a header line with the step label above the rendered panels.
-
-    The frame width is fixed from the start (wide enough for the body and every label), so every
-    frame of an animation has the same size.
-
-    Args:
-        labels: Every label that will be drawn (to size the header).
-    """
-
-    def __init__(self, labels: Sequence[str]) -> None:
-        from PIL import ImageFont
-
-        try:
-            self.font: Any = ImageFont.load_default(size=FONT_SIZE)
-        except (TypeError, ImportError, OSError):  # no FreeType: the fixed bitmap font
-            self.font = ImageFont.load_default()
-        boxes = [self._bbox(text) for text in [*labels, "Ag0"]]
-        self.text_w = max(b[2] - min(b[0], 0) for b in boxes) + 8
-        self.header_h = max(b[3] for b in boxes) + 6
-        self.size: tuple[int, int] | None = None  # (height, width) once the first frame is made
-
-    def _bbox(self, text: str) -> tuple[int, int, int, int]:
-        from PIL import Image, ImageDraw
-
-        draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=self.font)
-        return int(left), int(top), math.ceil(right), math.ceil(bottom)
-
-    def compose(self, body: np.ndarray, label: str) -> np.ndarray:
-        """``(H, W, 3)`` body → ``(header + H, max(W, text), 3)`` uint8 frame."""
-        from PIL import Image, ImageDraw
-
-        if self.size is None:
-            self.size = (self.header_h + body.shape[0], max(body.shape[1], self.text_w))
-        h, w = self.size
-        canvas = np.empty((h, w, 3), np.uint8)
-        canvas[:] = BACKGROUND
-        bh, bw = min(body.shape[0], h - self.header_h), min(body.shape[1], w)
-        canvas[self.header_h : self.header_h + bh, :bw] = body[:bh, :bw]
-        img = Image.fromarray(canvas)
-        ImageDraw.Draw(img).text((4, 3), label, fill=HEADER_TEXT, font=self.font)
-        return np.asarray(img)
-
-
-# --------------------------------------------------------------------------------------------------
-# 3D views
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VolumeView:
-    """Which 2D slices of a volume ``(..., D, H, W)`` are shown.
-
-    Attributes:
-        mode: ``ortho`` (the central slice along each axis), ``slice`` (one slice) or ``montage``.
-        axis: Array axis (0, 1, 2) for ``slice`` and ``montage``.
-        index: Slice number for ``slice`` (None = middle).
-    """
-
-    mode: str = "ortho"
-    axis: int = 0
-    index: int | None = None
-
-    def slices(self, shape: Sequence[int]) -> list[tuple[int, int]]:
-        """``(axis, index)`` of every panel for a volume of spatial ``shape``."""
-        if self.mode == "ortho":
-            return [(a, shape[a] // 2) for a in range(3)]
-        n = shape[self.axis]
-        if self.mode == "slice":
-            return [(self.axis, n // 2 if self.index is None else self.index)]
-        count = min(MONTAGE_MAX, n)
-        picks = sorted({round((i + 0.5) * n / count - 0.5) for i in range(count)})
-        return [(self.axis, i) for i in picks]
-
-    def hidden_slice(self, shape: Sequence[int]) -> tuple[int, int]:
-        """The one slice hidden channels are shown for."""
-        if self.mode == "slice":
-            return self.slices(shape)[0]
-        axis = 0 if self.mode == "ortho" else self.axis
-        return axis, shape[axis] // 2
-
-
-def take_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
-    """Slice ``(..., D, H, W)`` at ``index`` along spatial ``axis`` → ``(..., a, b)``.
-
-    Slices along axes 1 and 2 are flipped vertically so that the first array axis points up.
-    """
-    lead = volume.ndim - 3
-    out = np.take(volume, index, axis=lead + axis)
-    return out[..., ::-1, :] if axis > 0 else out
-
-
-# --------------------------------------------------------------------------------------------------
-# Sources: run a model and render its states
-# --------------------------------------------------------------------------------------------------
 
 StepCallback = Callable[[int, torch.Tensor, int], None]
 
@@ -317,15 +103,43 @@ class Source(Protocol):
         """Task-specific facts for the JSON summary."""
 
 
-def _check_hidden(hidden: int, available: int, task: str) -> None:
+def check_hidden(hidden: int, available: int, task: str) -> None:
+    """Refuse ``--hidden`` below 0 or above the ``available`` hidden channels of the model.
+
+    Raises:
+        NcaError: Out of range.
+    """
     if hidden < 0:
         raise NcaError(f"--hidden must be >= 0, got {hidden}")
     if hidden > available:
         raise NcaError(f"--hidden {hidden}: the {task} model has only {available} hidden channels")
 
 
-def _hidden_row(hidden: np.ndarray, scale: int) -> list[np.ndarray]:
-    return [upscale(diverging(ch), scale) for ch in hidden]
+def parse_steps(spec: str | int | None, levels: int) -> tuple[int, ...] | None:
+    """``"N"`` (every level) or ``"N1,N2,..."`` (one per level) → steps per level; None stays None.
+
+    Raises:
+        NcaError: Not integers >= 1, or a list of the wrong length.
+    """
+    if spec is None:
+        return None
+    parts = [p.strip() for p in str(spec).split(",") if p.strip()]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise NcaError(f"--steps must be an integer >= 1 (or one per level, comma-separated), got {spec!r}")
+    if len(values) == 1:
+        return values * levels
+    if len(values) != levels:
+        raise NcaError(f"--steps gives {len(values)} values but the model has {levels} level(s)")
+    return values
+
+
+# --------------------------------------------------------------------------------------------------
+# Segmentation (seg2d, seg3d): the input with the predicted mask overlaid
+# --------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -356,15 +170,11 @@ class SegSource:
         self.total_steps = sum(self.steps)
         self.dim = cfg.dim
         self.in_ch, self.n_out = cfg.in_channels, cfg.n_out
-        _check_hidden(self.hidden, cfg.channels - cfg.in_channels - cfg.n_out, self.task)
+        check_hidden(self.hidden, cfg.channels - cfg.in_channels - cfg.n_out, self.task)
         self.full_size = tuple(int(s) for s in self.image.shape[2:])
-        shown = self.image[0, 0].float().cpu().numpy()
-        self.gray = shown
-        self.lo, self.hi = (float(v) for v in np.percentile(shown, [1.0, 99.0]))
-        if self.hi <= self.lo:
-            self.lo, self.hi = float(shown.min()), float(shown.max())
-        bounds = np.cumsum((0, *self.steps))
-        self._bounds = bounds
+        self.gray = self.image[0, 0].float().cpu().numpy()
+        self.lo, self.hi = window(self.gray)
+        self._bounds = np.cumsum((0, *self.steps))
 
     def level_of(self, step: int) -> int:
         """Level (0-based) that produced the state after global ``step`` (step 0: level 0)."""
@@ -421,8 +231,8 @@ class SegSource:
             image = overlay_probs(gray_to_rgb(self.gray, self.lo, self.hi), probs, self.overlay)
             tiles = [upscale(image, scale)]
             if hidden is not None:
-                tiles += _hidden_row(hidden, scale)
-            return grid(tiles, TILES_PER_ROW_2D)
+                tiles += hidden_tiles(hidden, scale)
+            return tile_grid(in_rows(tiles, TILES_PER_ROW_2D))
         tiles = [
             upscale(
                 overlay_probs(
@@ -434,12 +244,11 @@ class SegSource:
             )
             for a, i in self.view.slices(self.full_size)
         ]
-        cols = len(tiles) if self.view.mode != "montage" else math.ceil(math.sqrt(len(tiles)))
-        parts = [grid(tiles, cols)]
-        if hidden is not None:  # one slice of each hidden channel, in a row below
+        blocks = [tile_grid(in_rows(tiles, self.view.columns(len(tiles))))]
+        if hidden is not None:  # one slice of each hidden channel, in rows below
             hid = take_slice(hidden, *self.view.hidden_slice(self.full_size))
-            parts.append(grid(_hidden_row(hid, scale), HIDDEN_PER_ROW))
-        return stack_rows(parts)
+            blocks.append(tile_grid(in_rows(hidden_tiles(hid, scale), HIDDEN_PER_ROW)))
+        return tile_grid([[b] for b in blocks])
 
     def base_size(self) -> tuple[int, int]:
         if self.dim == 2:
@@ -448,7 +257,7 @@ class SegSource:
         panels = self.view.slices(self.full_size)
         shapes = [tuple(s for j, s in enumerate(self.full_size) if j != a) for a, _ in panels]
         side = max(max(s) for s in shapes)
-        cols = len(shapes) if self.view.mode != "montage" else math.ceil(math.sqrt(len(shapes)))
+        cols = self.view.columns(len(shapes))
         return side, cols * max(s[1] for s in shapes)
 
     def describe(self) -> dict[str, Any]:
@@ -459,126 +268,6 @@ class SegSource:
             "overlay": self.overlay,
             "view": None if self.dim == 2 else self.view.__dict__,
         }
-
-
-@dataclass
-class Damage:
-    """A circle erased from the state right after ``step`` (centre and radius in grid pixels)."""
-
-    step: int
-    center: tuple[float, float]
-    radius: float
-
-    def keep_mask(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        """``(1, 1, H, W)``: 0 inside the circle, 1 outside."""
-        ys = torch.arange(height, dtype=torch.float32).view(height, 1)
-        xs = torch.arange(width, dtype=torch.float32).view(1, width)
-        inside = (ys - self.center[0]) ** 2 + (xs - self.center[1]) ** 2 < self.radius**2
-        return (~inside).float().view(1, 1, height, width).to(device)
-
-
-@dataclass
-class SeedSource:
-    """A seed-grown 2D model: ``grow`` (one RGBA image) or ``digits`` (ten classes side by side).
-
-    Attributes:
-        nca: The :class:`~ncatool.models.nca.NCA` core (eval mode, on its device).
-        task: ``grow`` or ``digits``.
-        seed_state: ``(B, C, H, W)`` initial state (B = 1 for grow, 10 for digits).
-        total_steps: Steps to run.
-        cond: ``(B, cond_channels)`` conditioning (digits: the label embeddings), or None.
-        hidden: Hidden channels shown.
-        damage: Optional damage.
-    """
-
-    nca: Any
-    task: str
-    seed_state: torch.Tensor
-    total_steps: int
-    cond: torch.Tensor | None = None
-    hidden: int = 0
-    damage: Damage | None = None
-
-    def __post_init__(self) -> None:
-        self.first_hidden = 4 if self.task == "grow" else 1
-        _check_hidden(self.hidden, self.seed_state.shape[1] - self.first_hidden, self.task)
-
-    def label(self, step: int) -> str:
-        text = f"step {step}/{self.total_steps}"
-        if self.damage is not None and step >= self.damage.step:
-            text += " | damaged" if step == self.damage.step else " | regrowing"
-        return text
-
-    def run(self, on_step: StepCallback) -> None:
-        x = self.seed_state
-        h, w = x.shape[-2:]
-        with torch.no_grad():
-            on_step(0, x, 0)
-            for step in range(1, self.total_steps + 1):
-                x = self.nca.step(x, self.cond)
-                if self.damage is not None and step == self.damage.step:
-                    x = x * self.damage.keep_mask(h, w, x.device).to(x.dtype)
-                on_step(step, x, 0)
-
-    def render(self, state: torch.Tensor, level: int, scale: int) -> np.ndarray:
-        s = state.float().cpu()
-        k0 = self.first_hidden
-        if self.task == "grow":
-            from ncatool.tasks.growing import rgba_to_rgb
-
-            tiles = [upscale(rgba_to_rgb(s[0, :4]), scale)]
-            if self.hidden:
-                tiles += _hidden_row(s[0, k0 : k0 + self.hidden].numpy(), scale)
-            return grid(tiles, TILES_PER_ROW_2D)
-        digits = s[:, 0].clamp(0.0, 1.0).numpy()
-        tiles = [upscale(gray_to_rgb(d, 0.0, 1.0), scale) for d in digits]
-        for k in range(self.hidden):
-            tiles += [upscale(diverging(s[b, k0 + k].numpy()), scale) for b in range(s.shape[0])]
-        return grid(tiles, s.shape[0])
-
-    def base_size(self) -> tuple[int, int]:
-        h, w = self.seed_state.shape[-2:]
-        cols = min(1 + self.hidden, TILES_PER_ROW_2D) if self.task == "grow" else self.seed_state.shape[0]
-        return max(h, w), cols * w
-
-    def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"grid": list(self.seed_state.shape[-2:])}
-        if self.task == "digits":
-            out["classes"] = list(range(self.seed_state.shape[0]))
-        if self.damage is not None:
-            out["damage"] = {
-                "step": self.damage.step,
-                "center": [round(c, 2) for c in self.damage.center],
-                "radius": round(self.damage.radius, 2),
-            }
-        return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------------
-
-
-def parse_steps(spec: str | int | None, levels: int) -> tuple[int, ...] | None:
-    """``"N"`` (every level) or ``"N1,N2,..."`` (one per level) → steps per level; None stays None.
-
-    Raises:
-        NcaError: Not integers >= 1, or a list of the wrong length.
-    """
-    if spec is None:
-        return None
-    parts = [p.strip() for p in str(spec).split(",") if p.strip()]
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        values = ()
-    if not values or any(v < 1 for v in values):
-        raise NcaError(f"--steps must be an integer >= 1 (or one per level, comma-separated), got {spec!r}")
-    if len(values) == 1:
-        return values * levels
-    if len(values) != levels:
-        raise NcaError(f"--steps gives {len(values)} values but the model has {levels} level(s)")
-    return values
 
 
 def seg_record(spec: str | Path) -> Any:
@@ -705,6 +394,101 @@ def load_seg_source(
     return SegSource(model, predictor.task, x, view, hidden, overlay, info)
 
 
+# --------------------------------------------------------------------------------------------------
+# Growing (grow, digits): from the seed, optionally damaged
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Damage:
+    """A circle erased from the state right after ``step`` (centre and radius in grid pixels)."""
+
+    step: int
+    center: tuple[float, float]
+    radius: float
+
+    def keep_mask(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """``(1, 1, H, W)``: 0 inside the circle, 1 outside."""
+        ys = torch.arange(height, dtype=torch.float32).view(height, 1)
+        xs = torch.arange(width, dtype=torch.float32).view(1, width)
+        inside = (ys - self.center[0]) ** 2 + (xs - self.center[1]) ** 2 < self.radius**2
+        return (~inside).float().view(1, 1, height, width).to(device)
+
+
+@dataclass
+class SeedSource:
+    """A seed-grown 2D model: ``grow`` (one RGBA image) or ``digits`` (ten classes side by side).
+
+    Attributes:
+        nca: The :class:`~ncatool.models.nca.NCA` core (eval mode, on its device).
+        task: ``grow`` or ``digits``.
+        seed_state: ``(B, C, H, W)`` initial state (B = 1 for grow, 10 for digits).
+        total_steps: Steps to run.
+        cond: ``(B, cond_channels)`` conditioning (digits: the label embeddings), or None.
+        hidden: Hidden channels shown.
+        damage: Optional damage.
+    """
+
+    nca: Any
+    task: str
+    seed_state: torch.Tensor
+    total_steps: int
+    cond: torch.Tensor | None = None
+    hidden: int = 0
+    damage: Damage | None = None
+
+    def __post_init__(self) -> None:
+        self.first_hidden = 4 if self.task == "grow" else 1
+        check_hidden(self.hidden, self.seed_state.shape[1] - self.first_hidden, self.task)
+
+    def label(self, step: int) -> str:
+        text = f"step {step}/{self.total_steps}"
+        if self.damage is not None and step >= self.damage.step:
+            text += " | damaged" if step == self.damage.step else " | regrowing"
+        return text
+
+    def run(self, on_step: StepCallback) -> None:
+        x = self.seed_state
+        h, w = x.shape[-2:]
+        with torch.no_grad():
+            on_step(0, x, 0)
+            for step in range(1, self.total_steps + 1):
+                x = self.nca.step(x, self.cond)
+                if self.damage is not None and step == self.damage.step:
+                    x = x * self.damage.keep_mask(h, w, x.device).to(x.dtype)
+                on_step(step, x, 0)
+
+    def render(self, state: torch.Tensor, level: int, scale: int) -> np.ndarray:
+        s = state.float().cpu()
+        k0 = self.first_hidden
+        if self.task == "grow":
+            tiles = [upscale(rgba_to_rgb(s[0, :4]), scale)]
+            if self.hidden:
+                tiles += hidden_tiles(s[0, k0 : k0 + self.hidden].numpy(), scale)
+            return tile_grid(in_rows(tiles, TILES_PER_ROW_2D))
+        digits = s[:, 0].clamp(0.0, 1.0).numpy()
+        rows = [[upscale(gray_to_rgb(d, 0.0, 1.0), scale) for d in digits]]
+        rows += [hidden_tiles(s[:, k0 + k].numpy(), scale) for k in range(self.hidden)]  # a row per channel
+        return tile_grid(rows)
+
+    def base_size(self) -> tuple[int, int]:
+        h, w = self.seed_state.shape[-2:]
+        cols = min(1 + self.hidden, TILES_PER_ROW_2D) if self.task == "grow" else self.seed_state.shape[0]
+        return max(h, w), cols * w
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"grid": list(self.seed_state.shape[-2:])}
+        if self.task == "digits":
+            out["classes"] = list(range(self.seed_state.shape[0]))
+        if self.damage is not None:
+            out["damage"] = {
+                "step": self.damage.step,
+                "center": [round(c, 2) for c in self.damage.center],
+                "radius": round(self.damage.radius, 2),
+            }
+        return out
+
+
 def _config_steps(run: dict[str, Any], task: str) -> int:
     if task == "grow":
         val = int(run.get("val_steps") or 0)
@@ -788,6 +572,11 @@ def load_seed_source(
     return SeedSource(nca, task, x, int(total), cond, hidden, dmg)
 
 
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
 def load_source(
     checkpoint: str | Path,
     input_spec: str | Path | None = None,
@@ -826,158 +615,6 @@ def load_source(
     raise NcaError(f"animate does not support task {task!r} (supported: {', '.join(ANIMATABLE_TASKS)})", path)
 
 
-# --------------------------------------------------------------------------------------------------
-# Writers
-# --------------------------------------------------------------------------------------------------
-
-
-class _Writer(Protocol):
-    def add(self, frame: np.ndarray) -> None: ...
-
-    def close(self) -> None: ...
-
-    def abort(self) -> None: ...
-
-
-class GifWriter:
-    """Collects frames; :meth:`close` writes an endlessly looping GIF (Pillow)."""
-
-    def __init__(self, path: Path, fps: float) -> None:
-        self.path = path
-        self.duration = max(10, round(1000.0 / fps))
-        self.frames: list[Any] = []
-
-    def add(self, frame: np.ndarray) -> None:
-        from PIL import Image
-
-        self.frames.append(Image.fromarray(frame))
-
-    def close(self) -> None:
-        if not self.frames:
-            return
-        first, *rest = self.frames
-        first.save(self.path, format="GIF", save_all=True, append_images=rest, duration=self.duration, loop=0)
-
-    def abort(self) -> None:
-        self.frames.clear()
-
-
-class Mp4Writer:
-    """Pipes raw RGB frames into ``ffmpeg`` (H.264/yuv420p where available, even frame size)."""
-
-    def __init__(self, path: Path, fps: float, ffmpeg: str) -> None:
-        self.path = path
-        self.fps = fps
-        self.ffmpeg = ffmpeg
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.size: tuple[int, int] | None = None
-
-    def _start(self, height: int, width: int) -> None:
-        cmd = [
-            self.ffmpeg,
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "rawvideo",
-            "-pix_fmt",
-            "rgb24",
-            "-s",
-            f"{width}x{height}",
-            "-r",
-            f"{self.fps:g}",
-            "-i",
-            "-",
-            "-vf",
-            "pad=ceil(iw/2)*2:ceil(ih/2)*2",
-            "-pix_fmt",
-            "yuv420p",
-            "-f",
-            "mp4",
-            str(self.path),
-        ]
-        self.size = (height, width)
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
-
-    def add(self, frame: np.ndarray) -> None:
-        if self.proc is None:
-            self._start(frame.shape[0], frame.shape[1])
-        assert self.proc is not None and self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(np.ascontiguousarray(frame, dtype=np.uint8).tobytes())
-        except BrokenPipeError:
-            self._fail()
-
-    def _fail(self) -> None:
-        assert self.proc is not None
-        _, stderr = self.proc.communicate()
-        message = stderr.decode(errors="replace").strip().splitlines()
-        tail = message[-1] if message else f"exit code {self.proc.returncode}"
-        raise NcaError(f"ffmpeg failed: {tail}", self.path)
-
-    def close(self) -> None:
-        if self.proc is None:
-            return
-        assert self.proc.stdin is not None
-        with contextlib.suppress(BrokenPipeError):
-            self.proc.stdin.close()
-        self.proc.wait()
-        if self.proc.returncode != 0:
-            self._fail()
-
-    def abort(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-class PngFramesWriter:
-    """Writes ``frame_00000.png``, ... (each atomically) into a folder."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.count = 0
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def add(self, frame: np.ndarray) -> None:
-        from PIL import Image
-
-        from ncatool.data.io import atomic_path
-
-        with atomic_path(self.folder / f"frame_{self.count:05d}.png") as tmp:
-            Image.fromarray(frame).save(tmp, format="PNG")
-        self.count += 1
-
-    def close(self) -> None:
-        return None
-
-    def abort(self) -> None:
-        return None
-
-
-@contextlib.contextmanager
-def _progress(total: int, enabled: bool) -> Iterator[Callable[[], None]]:
-    """A rich progress bar on stderr (nothing when disabled); yields ``advance()``."""
-    if not enabled or os.environ.get("NCATOOL_NO_PROGRESS") is not None:
-        yield lambda: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from ncatool.console import err
-
-    with Progress(
-        TextColumn("[bold]rendering"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err
-    ) as bar:
-        task_id = bar.add_task("rendering", total=total)
-        yield lambda: bar.advance(task_id)
-
-
-# --------------------------------------------------------------------------------------------------
-# Entry point
-# --------------------------------------------------------------------------------------------------
-
-
 def auto_scale(source: Source) -> int:
     """A nearest-neighbour factor that makes tiles about 256 px (at most 16x, body <= ~1024 px)."""
     side, width = source.base_size()
@@ -986,12 +623,19 @@ def auto_scale(source: Source) -> int:
 
 def render(
     source: Source,
-    writers: Sequence[_Writer],
+    writers: Sequence[FrameWriter],
     every: int = 1,
     scale: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the source and feed every scheduled frame to the writers.
+
+    Args:
+        source: What to run and draw.
+        writers: Where the frames go (closing them is the caller's part).
+        every: Frame stride.
+        scale: Nearest-neighbour enlargement; None picks one (:func:`auto_scale`).
+        progress: A progress bar on stderr (never with ``--quiet`` or ``NCATOOL_NO_PROGRESS``).
 
     Returns:
         ``{"frames", "frame_steps", "size": [width, height], "scale", "total_steps"}``.
@@ -1010,7 +654,8 @@ def render(
     composer = FrameComposer([source.label(s) for s in steps])
     written = 0
 
-    with _progress(total + 1, progress) as advance:
+    with ProgressBars(progress) as bars:
+        bar = bars.add("rendering", total + 1)
 
         def on_step(step: int, state: torch.Tensor, level: int) -> None:
             nonlocal written
@@ -1019,7 +664,7 @@ def render(
                 for w in writers:
                     w.add(frame)
                 written += 1
-            advance()
+            bars.advance(bar)
 
         source.run(on_step)
     h, w = composer.size or (0, 0)
@@ -1134,15 +779,11 @@ def _write(
     from ncatool.data.io import atomic_path
 
     with contextlib.ExitStack() as stack:
-        writers: list[Any] = []
-        if output is not None:
+        writers: list[FrameWriter] = []
+        if output is not None and fmt is not None:
             out = Path(output)
             out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = stack.enter_context(atomic_path(out))
-            if fmt == "mp4":
-                writers.append(Mp4Writer(tmp, fps, shutil.which("ffmpeg") or "ffmpeg"))
-            else:
-                writers.append(GifWriter(tmp, fps))
+            writers.append(animation_writer(stack.enter_context(atomic_path(out)), fmt, fps))
         if frames_dir is not None:
             writers.append(PngFramesWriter(Path(frames_dir)))
         try:
@@ -1158,19 +799,16 @@ def _write(
 
 __all__ = [
     "ANIMATABLE_TASKS",
-    "FORMATS",
-    "OVERLAYS",
     "Damage",
-    "FrameComposer",
     "SeedSource",
     "SegSource",
-    "VolumeView",
+    "Source",
     "animate",
-    "diverging",
+    "check_hidden",
     "frame_steps",
+    "load_seed_source",
+    "load_seg_source",
     "load_source",
-    "output_format",
-    "overlay_probs",
     "parse_steps",
     "render",
     "seg_record",

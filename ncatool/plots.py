@@ -1,4 +1,8 @@
-"""Pictures of model output (matplotlib, Agg backend; imported only where a picture is made)."""
+"""The segmentation sample picture that training writes: image | ground truth | prediction per case.
+
+Drawn with :mod:`ncatool.viz` in the colours of ``ncatool animate`` (labels over the gray image at
+opacity 0.5), so a sample picture's prediction looks like the last frame of the animation.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ncatool.data.io import atomic_path
+from ncatool.viz.colour import channels_to_rgb, overlay_labels, window
+from ncatool.viz.grid import save_grid
 
-
-def display_image(image: torch.Tensor) -> np.ndarray:
-    """A 2D picture of an image tensor for display.
-
-    Args:
-        image: ``(C, H, W)``; 3 channels are shown as RGB, otherwise the first channel.
-
-    Returns:
-        ``(H, W)`` or ``(H, W, 3)`` float array scaled to [0, 1].
-    """
-    arr = image.detach().float().cpu().numpy()
-    arr = np.moveaxis(arr[:3], 0, -1) if arr.shape[0] == 3 else arr[0]
-    lo, hi = np.percentile(arr, [1, 99])
-    return np.clip((arr - lo) / (hi - lo + 1e-8), 0.0, 1.0)
+#: Tiles are enlarged (nearest) to about this many pixels on their longer side.
+SAMPLE_SIDE = 128
 
 
 def best_slice(label: torch.Tensor) -> int:
@@ -40,41 +33,35 @@ def to_2d(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> tuple
     return image[:, z], label[z], pred[z]
 
 
+def segmentation_row(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> list[np.ndarray]:
+    """Three tiles ``(H, W, 3)`` uint8 for one case: the image, the reference and the prediction.
+
+    Args:
+        image: ``(C, *S)``; three channels are shown as RGB, otherwise channel 0 as gray, from the
+            1st to the 99th percentile.
+        label: ``(*S)`` reference labels.
+        pred: ``(*S)`` predicted labels.
+
+    2D or 3D (3D: the slice with the most reference foreground).
+    """
+    image, label, pred = to_2d(image, label, pred)
+    pixels = image.detach().float().cpu().numpy()
+    lo, hi = window(pixels[:3] if pixels.shape[0] == 3 else pixels[0])
+    base = channels_to_rgb(pixels, lo, hi)
+    return [base, overlay_labels(base, label.cpu().numpy()), overlay_labels(base, pred.cpu().numpy())]
+
+
 def save_segmentation_panel(
-    rows: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], path: Path, n_labels: int
+    rows: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], path: Path
 ) -> None:
     """Write image | ground truth | prediction, one row per case, as a PNG (atomically).
 
     Args:
         rows: ``(image (C, *S), label (*S), prediction (*S))`` per case, 2D or 3D.
-        path: Destination PNG.
-        n_labels: Number of foreground labels (fixes the colour scale).
+        path: Destination PNG; nothing is written without a row.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not rows:
+    tiles = [segmentation_row(*row) for row in rows]
+    if not tiles:
         return
-    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.6 * len(rows)), squeeze=False)
-    for r, row in enumerate(rows):
-        image, label, pred = to_2d(*row)
-        panels = [
-            (display_image(image), "image", None),
-            (label.numpy(), "ground truth", n_labels),
-            (pred.numpy(), "prediction", n_labels),
-        ]
-        for c, (arr, title, vmax) in enumerate(panels):
-            ax = axes[r][c]
-            if vmax is None:
-                ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None)
-            else:
-                ax.imshow(arr, cmap="viridis", vmin=0, vmax=max(vmax, 1), interpolation="nearest")
-            ax.set_title(title if r == 0 else "", fontsize=9)
-            ax.axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
+    side = max(max(t.shape[:2]) for row in tiles for t in row)
+    save_grid(tiles, path, scale=max(1, SAMPLE_SIDE // side))

@@ -19,12 +19,13 @@ import torch
 from PIL import Image as PILImage
 from typer.testing import CliRunner
 
-from ncatool.animate import FrameComposer, frame_steps, load_source, render
+from ncatool.animate import frame_steps, load_source, render
 from ncatool.cli import app
 from ncatool.data.io import Image, write_image
 from ncatool.models.growing import ConditionalNCA, growing_nca_config
 from ncatool.models.nca import NCA, NCAConfig
 from ncatool.models.segmentation import SegmentationNCA, SegModelConfig
+from ncatool.viz.text import FrameComposer
 
 runner = CliRunner()
 

@@ -153,7 +153,7 @@ def animate(
     from rich.markup import escape
 
     from ncatool.animate import animate as run_animate
-    from ncatool.console import emit_json, info, state
+    from ncatool.console import emit_json, info
 
     result = run_animate(
         checkpoint,
@@ -175,7 +175,6 @@ def animate(
         damage_radius=damage_radius,
         seed=seed,
         device=device,
-        progress=not state.quiet,
     )
     width, height = result["size"]
     where = " and ".join(

@@ -41,7 +41,9 @@ from ncatool.errors import NcaError
 from ncatool.image_losses import canonical_loss_name, per_sample_loss
 from ncatool.models.growing import ConditionalNCA, make_seed
 from ncatool.models.nca import PADDING_MODES, NCAConfig
-from ncatool.tasks.growing import DATA_DIR, isolated_rng, parse_filters, save_image_grid
+from ncatool.tasks.growing import DATA_DIR, isolated_rng, parse_filters
+from ncatool.viz.colour import gray_to_rgb
+from ncatool.viz.grid import save_grid
 
 DEFAULT_DIGITS = DATA_DIR / "digits" / "digits_8x8.npz"
 N_CLASSES = 10
@@ -428,10 +430,10 @@ class DigitsTask:
             gen = self._generate_all(model, labels).view(n, N_CLASSES, *self.class_means.shape[-2:])
 
         def tile(img: torch.Tensor) -> np.ndarray:
-            return (img.clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+            return gray_to_rgb(img.numpy(), 0.0, 1.0)
 
         rows = [[tile(m) for m in self.class_means]] + [[tile(g) for g in row] for row in gen]
-        save_image_grid(rows, path, scale=max(1, 48 // self.config.img_size))
+        save_grid(rows, path, scale=max(1, 48 // self.config.img_size))
 
     def reduce_memory(self) -> str | None:
         """Nothing task-side to shrink."""

@@ -23,7 +23,7 @@ circle is erased from the grown states and they run ``val_steps`` more steps.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,6 +39,8 @@ from ncatool.image_losses import canonical_loss_name, per_sample_loss, psnr
 from ncatool.models.filters import FIXED_FILTERS
 from ncatool.models.growing import ALPHA_CHANNEL, SamplePool, circle_masks, growing_nca_config, make_seed
 from ncatool.models.nca import NCA, PADDING_MODES
+from ncatool.viz.colour import rgba_to_rgb
+from ncatool.viz.grid import save_grid
 
 #: The shipped repository ``data/`` folder (a source checkout; ``--data`` works anywhere).
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
@@ -236,41 +238,6 @@ def load_target(
     return F.pad(x, pads)[0].clamp(0.0, 1.0)
 
 
-# ------------------------------------------------------------------------------------------ pictures
-def rgba_to_rgb(rgba: torch.Tensor) -> np.ndarray:
-    """Premultiplied RGBA ``(4, H, W)`` over a white background → ``(H, W, 3)`` uint8."""
-    x = rgba.detach().float().cpu().clamp(0.0, 1.0)
-    rgb = 1.0 - x[3:4] + x[:3]
-    return (rgb.clamp(0.0, 1.0).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
-
-
-def save_image_grid(rows: Sequence[Sequence[np.ndarray]], path: Path, scale: int = 4, gap: int = 2) -> None:
-    """Write tiles ``(H, W, 3)`` or ``(H, W)`` uint8, row by row, as one PNG (atomically).
-
-    Rows may differ in length; tiles are enlarged ``scale`` times (nearest) on a white background.
-    """
-    from PIL import Image
-
-    from ncatool.data.io import atomic_path
-
-    rows = [list(r) for r in rows if len(r)]
-    if not rows:
-        return
-    th = max(t.shape[0] for r in rows for t in r) * scale
-    tw = max(t.shape[1] for r in rows for t in r) * scale
-    ncol = max(len(r) for r in rows)
-    canvas = np.full((len(rows) * (th + gap) + gap, ncol * (tw + gap) + gap, 3), 255, np.uint8)
-    for i, row in enumerate(rows):
-        for j, tile in enumerate(row):
-            t = tile if tile.ndim == 3 else np.repeat(tile[..., None], 3, axis=-1)
-            t = np.kron(t, np.ones((scale, scale, 1), dtype=np.uint8))
-            y, x = gap + i * (th + gap), gap + j * (tw + gap)
-            canvas[y : y + t.shape[0], x : x + t.shape[1]] = t
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        Image.fromarray(canvas).save(tmp, format="PNG")
-
-
 def isolated_rng(device: torch.device) -> Any:
     """Isolate validation noise from the training RNG streams."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
@@ -392,7 +359,7 @@ class GrowTask:
         n_pool = min(len(self.pool), max(1, cfg.samples) * 3)
         row2 = [rgba_to_rgb(self.pool.states[i, :4]) for i in range(n_pool)]
         scale = max(1, 96 // self.target.shape[-1])
-        save_image_grid([row1, row2], path, scale=scale)
+        save_grid([row1, row2], path, scale=scale)
 
     def reduce_memory(self) -> str | None:
         """Nothing task-side to shrink (use grad_checkpoint or a smaller img_size)."""

@@ -249,7 +249,7 @@ class SegmentationTask:
             image, label = items[i]
             probs = model.predict_proba(image[None].to(self.device))  # type: ignore[operator]
             rows.append((image.cpu(), label, probs_to_labels(probs)[0].cpu()))
-        save_segmentation_panel(rows, path, n_labels=self.n_out)
+        save_segmentation_panel(rows, path)
 
     def reduce_memory(self) -> str | None:
         """Halve the training patches of levels above 0 (not below 8 voxels)."""
