@@ -277,8 +277,8 @@ def seg_record(spec: str | Path) -> Any:
     Raises:
         NcaError: Missing files, or a folder.
     """
-    from ncatool.data.datasets import CaseRecord
     from ncatool.data.io import is_image_file, split_extension
+    from ncatool.data.loading import CaseRecord
     from ncatool.predict import discover_cases
 
     text = str(spec)
@@ -342,7 +342,7 @@ def load_seg_source(
     Raises:
         NcaError: Missing input, input that does not fit the model, bad view options.
     """
-    from ncatool.data.datasets import resize_image
+    from ncatool.data.transforms import resize_image
     from ncatool.predict import predictor_from_payload
 
     if input_spec is None:

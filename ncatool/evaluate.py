@@ -101,7 +101,7 @@ def _reference_files(gt: Path) -> tuple[dict[str, Path], dict[int, str]]:
         refs = _masks_by_case(gt, "ground-truth")
     if dataset_dir is None:
         return refs, {}
-    from ncatool.data.datasets import NnUNetDataset
+    from ncatool.data.loading import NnUNetDataset
 
     return refs, {v: k for k, v in NnUNetDataset(dataset_dir).foreground_labels.items()}
 
@@ -491,7 +491,7 @@ def evaluate_checkpoint(
     Returns:
         The summary, plus ``checkpoint``, ``data``, ``split`` and ``predictions``.
     """
-    from ncatool.data.datasets import NnUNetDataset
+    from ncatool.data.loading import NnUNetDataset
     from ncatool.predict import GEN_TASKS, mask_path, predict_records, predictor_from_payload
     from ncatool.train import load_checkpoint_file
 

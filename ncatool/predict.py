@@ -50,8 +50,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ncatool.data.datasets import CaseData, CaseRecord, DataConfig, load_case, resize_image
+from ncatool.data.datasets import DataConfig
 from ncatool.data.io import is_image_file, split_extension, write_image
+from ncatool.data.loading import CaseData, CaseRecord, load_case
+from ncatool.data.transforms import resize_image
 from ncatool.errors import NcaError
 from ncatool.models.segmentation import SegmentationNCA, SegModelConfig, probs_to_labels
 
@@ -463,7 +465,7 @@ def discover_cases(path: str | Path) -> tuple[list[CaseRecord], str]:
     Raises:
         NcaError: The path is missing, holds no images, or a case's files are incomplete.
     """
-    from ncatool.data.datasets import NnUNetDataset
+    from ncatool.data.loading import NnUNetDataset
 
     path = Path(path)
     if not path.exists():

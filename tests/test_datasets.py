@@ -1,37 +1,30 @@
-"""Tests for ncatool.data.datasets: nnU-Net raw reading, normalisation, resizing, torch datasets."""
+"""Tests for ncatool.data.loading, .transforms, .splits and .datasets: reading cases, normalisation,
+resizing, splits, torch datasets."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from ncatool.data.datasets import (
-    CaseRecord,
-    DataConfig,
-    NnUNetDataset,
-    SliceDataset,
-    VolumeDataset,
+from ncatool.data.datasets import DataConfig, SliceDataset, VolumeDataset
+from ncatool.data.io import Image, write_image
+from ncatool.data.loading import CaseRecord, NnUNetDataset, dataset_info, load_case, load_cases, normalize
+from ncatool.data.splits import held_out_count, split_cases, split_indices
+from ncatool.data.transforms import (
     crop,
-    dataset_info,
     flip,
-    load_case,
-    load_cases,
-    normalize,
     one_hot_foreground,
-    parse_ct_window,
-    parse_size,
     random_patch_start,
     resize_image,
     resize_label,
     rot90,
-    split_cases,
 )
-from ncatool.data.io import Image, write_image
-from ncatool.errors import NcaError
+from ncatool.errors import NcaError, ValidationError
 
 SHAPE = (8, 12, 16)  # (Z, Y, X)
 SPACING = (0.5, 0.75, 2.0)  # (x, y, z)
@@ -168,11 +161,20 @@ def test_missing_label_and_count_mismatch(tmp_path: Path) -> None:
         ({"channel_names": None}, "channel_names"),
         ({"labels": {"background": 0, "x": 2}}, "labels"),
         ({"labels": {"background": 0, "x": [1, 2]}}, "region"),
+        ({"labels": {"background": 0, "x": 1, "ignore": 2}}, "ignore"),
+        ({"labels": {"x": 1, "y": 2}}, "background"),
         ({"file_ending": None}, "file_ending"),
+        ({"file_ending": ".xyz"}, "file_ending"),
         ({"numTraining": "3"}, "numTraining"),
+        ({"numTraining": -1}, "numTraining"),
+        ({"channel_names": {"1": "CT"}}, "channel_names"),
     ],
 )
 def test_invalid_dataset_json(tmp_path: Path, meta: dict, match: str) -> None:
+    """One reader: what ncatool cannot use is refused by training and, if nnU-Net's rules forbid
+    it too (not regions and ignore labels, which nnU-Net allows), by verify."""
+    from ncatool.data.nnunet.verify import verify_raw_dataset
+
     _write_json(tmp_path, 1, 0)
     full = json.loads((tmp_path / "dataset.json").read_text())
     for key, value in meta.items():
@@ -184,14 +186,18 @@ def test_invalid_dataset_json(tmp_path: Path, meta: dict, match: str) -> None:
     with pytest.raises(NcaError, match=match) as info:
         NnUNetDataset(tmp_path)
     assert "dataset.json" in str(info.value)
+    if match in ("region", "ignore"):
+        return
+    with pytest.raises(ValidationError, match=match):
+        verify_raw_dataset(tmp_path)
 
 
 def test_bad_json_and_label_out_of_range(tmp_path: Path) -> None:
     root = make_dataset(tmp_path, n_cases=1, num_channels=1)
     ds = NnUNetDataset(root)
     bad = np.full(SHAPE, 5, np.uint8)
-    write_image(Image.from_array(bad), root / "labelsTr" / "tr000.nii.gz")
-    with pytest.raises(NcaError, match="label value 5"):
+    write_image(Image.from_array(bad, spacing=SPACING), root / "labelsTr" / "tr000.nii.gz")
+    with pytest.raises(NcaError, match=r"tr000\.nii\.gz: label values \[5\] are not in dataset.json labels"):
         ds.load(ds.cases()[0])
     (root / "dataset.json").write_text("{not json")
     with pytest.raises(NcaError, match="invalid JSON"):
@@ -205,12 +211,6 @@ def test_config_validation() -> None:
         DataConfig(ct_window=(400, -1000))
     with pytest.raises(NcaError, match="val_fraction"):
         DataConfig(val_fraction=1.0)
-    assert parse_ct_window("-1000, 400") == (-1000.0, 400.0)
-    assert parse_size("32x64,64") == (32, 64, 64)
-    with pytest.raises(NcaError, match="--ct-window"):
-        parse_ct_window("400")
-    with pytest.raises(NcaError, match="--target-size"):
-        parse_size("0,4")
 
 
 # --- normalisation
@@ -377,6 +377,32 @@ def test_split_cases() -> None:
     assert split_cases(names, 0.0, 0) == (names, [])
 
 
+@pytest.mark.parametrize(("n", "fraction", "seed"), [(10, 0.2, 7), (7, 0.3, 0), (40, 0.25, 3), (2, 0.9, 1)])
+def test_split_cases_draws_what_training_always_drew(n: int, fraction: float, seed: int) -> None:
+    """The validation split of earlier versions: a NumPy permutation of the sorted names."""
+    names = [f"case{i:02d}" for i in range(n)]
+    n_val = min(max(round(n * fraction), 1), n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    expected = sorted(names[i] for i in order[n_val:]), sorted(names[i] for i in order[:n_val])
+    assert split_cases(names, fraction, seed) == expected
+
+
+@pytest.mark.parametrize(("n", "limit"), [(100, None), (100, 30), (9, None)])
+def test_split_indices_draws_what_digits_always_drew(n: int, limit: int | None) -> None:
+    order = np.random.default_rng(5).permutation(n)[:limit]
+    n_val = max(1, round(len(order) * 0.2))
+    kept, held = split_indices(n, 0.2, 5, limit=limit)
+    np.testing.assert_array_equal(kept, order[n_val:])
+    np.testing.assert_array_equal(held, order[:n_val])
+
+
+def test_held_out_count() -> None:
+    assert [held_out_count(n, 0.25) for n in (0, 1, 2, 3, 4, 10, 16)] == [0, 0, 1, 1, 1, 2, 4]
+    assert held_out_count(5, 0.0) == 0 and held_out_count(4, 0.99) == 3
+    with pytest.raises(NcaError, match=r"\[0, 1\)"):
+        held_out_count(4, 1.0)
+
+
 # --- 2D / slices
 
 
@@ -459,3 +485,98 @@ def test_rgb_png_single_file(tmp_path: Path) -> None:
     np.testing.assert_array_equal(data.image[1], rgb[..., 1])
     image, label = SliceDataset(ds.cases(), DataConfig(), train=False)[0]
     assert image.shape == (3, 10, 14) and label.shape == (10, 14)
+
+
+# --- integrity rules on load: train refuses what verify reports
+
+
+def _nan_image(root: Path) -> Path:
+    path = root / "imagesTr" / "tr001_0000.nii.gz"
+    array = np.full(SHAPE, 50.0, np.float32)
+    array[3] = np.nan  # one whole slice, as another tool would leave it
+    write_image(Image.from_array(array, spacing=SPACING), path)
+    return path
+
+
+def _inf_second_channel(root: Path) -> Path:
+    path = root / "imagesTr" / "tr001_0001.nii.gz"
+    array = np.full(SHAPE, 50.0, np.float32)
+    array[0, 0, 0] = np.inf
+    write_image(Image.from_array(array, spacing=SPACING), path)
+    return path
+
+
+def _label_value_not_declared(root: Path) -> Path:
+    path = root / "labelsTr" / "tr001.nii.gz"
+    write_image(Image.from_array(np.full(SHAPE, 3, np.uint8), spacing=SPACING), path)
+    return path
+
+
+def _label_spacing(root: Path) -> Path:
+    path = root / "labelsTr" / "tr001.nii.gz"
+    write_image(Image.from_array(_label(SHAPE, 1), spacing=(0.5, 0.75, 2.1)), path)
+    return path
+
+
+def _label_size(root: Path) -> Path:
+    path = root / "labelsTr" / "tr001.nii.gz"
+    write_image(Image.from_array(np.zeros((8, 12, 15), np.uint8), spacing=SPACING), path)
+    return path
+
+
+LOAD_CORRUPTIONS = {
+    "NaN image": (_nan_image, r"image contains 192 NaN and 0 Inf values"),
+    "Inf in channel 1": (_inf_second_channel, r"image contains 0 NaN and 1 Inf values"),
+    "label value not in dataset.json": (
+        _label_value_not_declared,
+        r"label values \[3\] are not in dataset.json",
+    ),
+    "label spacing": (_label_spacing, r"spacing \(0.5, 0.75, 2.1\) differs"),
+    "label size": (_label_size, r"label size \(15, 12, 8\) differs"),
+}
+
+
+@pytest.mark.parametrize("kind", list(LOAD_CORRUPTIONS))
+def test_loading_refuses_what_verify_reports(tmp_path: Path, kind: str) -> None:
+    root = make_dataset(tmp_path, n_cases=2, num_channels=2)
+    corrupt, message = LOAD_CORRUPTIONS[kind]
+    path = corrupt(root)
+    dataset = NnUNetDataset(root)
+    with pytest.raises(NcaError, match=message) as info:
+        VolumeDataset(dataset.cases(), DataConfig(), train=True, num_classes=dataset.num_classes)
+    assert info.value.path == path and str(path) in str(info.value)
+
+
+def test_nan_nifti_is_seen_although_simpleitk_hides_it(tmp_path: Path) -> None:
+    """ITK's NIfTI reader turns NaN into 0; read_image keeps what the file stores."""
+    import SimpleITK as sitk
+
+    root = make_dataset(tmp_path, n_cases=2, num_channels=1)
+    path = _nan_image(root)
+    assert not np.isnan(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).any()
+    with pytest.raises(NcaError, match="192 NaN") as info:
+        load_case(load_cases(root)[1])
+    assert info.value.path == path
+
+
+def test_train_refuses_nan_image_exit_2_naming_the_file(
+    toy_dataset: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from ncatool.cli import app
+
+    monkeypatch.setenv("NCATOOL_NO_PROGRESS", "1")
+    ds = toy_dataset(3, cases=3, size=16)
+    victim = ds / "imagesTr" / "toy_001_0000.nii.gz"
+    array = np.ones((16, 16, 16), np.float32)
+    array[8] = np.nan
+    write_image(Image.from_array(array), victim)
+    args = ["train", "--task", "seg3d", "--data", str(ds), "--out", str(tmp_path / "run"), "--epochs", "1"]
+    for setting in ("iters_per_epoch=1", "target_size=16,16,16", "patch=0,8", "steps=2,2", "samples=0"):
+        args += ["--set", setting]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    message = result.stderr.replace("\n", "")
+    assert "toy_001_0000.nii.gz" in message and "256 NaN" in message and "Traceback" not in result.output
+    assert not (tmp_path / "run" / "checkpoints").exists()

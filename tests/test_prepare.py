@@ -11,10 +11,13 @@ import pytest
 from typer.testing import CliRunner
 
 from ncatool.cli import app
-from ncatool.data import nnunet
 from ncatool.data.io import Image, read_image, write_image
-from ncatool.data.nnunet import PrepareOptions, prepare_dataset, read_raw_case, split_cases
-from ncatool.data.pairs import discover_pairs, geometry_issues
+from ncatool.data.loading import NnUNetDataset
+from ncatool.data.nnunet import prepare as nnunet_prepare
+from ncatool.data.nnunet.pairs import discover_pairs
+from ncatool.data.nnunet.prepare import PrepareOptions, prepare_dataset
+from ncatool.data.nnunet.verify import geometry_issues
+from ncatool.data.splits import split_cases
 
 SHAPE = (8, 10, 12)  # (Z, Y, X)
 SPACING = (0.75, 1.25, 2.5)  # (x, y, z), exact in float32
@@ -221,7 +224,8 @@ def test_isic_layout_rgb_becomes_three_2d_channels(tmp_path: Path) -> None:
         read_image(images / "ISIC_0000000.jpg").array[..., 1],
         read_image(dataset / "imagesTr" / "ISIC_0000000_0001.nii.gz").array,
     )
-    case = read_raw_case(dataset, "ISIC_0000001")
+    loaded = NnUNetDataset(dataset)
+    case = loaded.load(next(r for r in loaded.cases() if r.name == "ISIC_0000001"))
     assert case.image.shape == (3, 10, 12) and case.label is not None and case.label.shape == (10, 12)
     assert invoke("verify", dataset).exit_code == 0
 
@@ -580,7 +584,7 @@ def test_crash_while_writing_leaves_no_dataset(
     def boom(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(nnunet, "write_image", boom)
+    monkeypatch.setattr(nnunet_prepare, "write_image", boom)
     out = tmp_path / "raw"
     with pytest.raises(OSError, match="disk full"):
         prepare_dataset(PrepareOptions(out=out, dataset_id=7, name="Test", folder=mock_dir))

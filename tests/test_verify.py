@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from ncatool.cli import app
 from ncatool.data.io import Image, read_image, write_image
-from ncatool.data.nnunet import PrepareOptions, prepare_dataset, verify_raw_dataset
+from ncatool.data.nnunet.prepare import PrepareOptions, prepare_dataset
+from ncatool.data.nnunet.verify import verify_raw_dataset
 from ncatool.errors import ValidationError
 
 SHAPE = (6, 7, 8)
@@ -186,7 +187,7 @@ def _unreadable_label(ds: Path) -> str:
 
 CORRUPTIONS: dict[str, tuple[Callable[[Path], str], str]] = {
     "missing channel file": (_missing_channel, "missing channel file"),
-    "wrong numTraining": (_wrong_num_training, "numTraining is 5 but labelsTr has 3"),
+    "wrong numTraining": (_wrong_num_training, "numTraining is 5 but imagesTr has 3"),
     "label value not in labels": (_label_value_not_in_labels, "[5]"),
     "NaN image": (_nan_image, "NaN"),
     "Inf in imagesTs": (_nan_test_image, "Inf"),
@@ -247,3 +248,23 @@ def test_verify_not_a_dataset(tmp_path: Path, missing: str) -> None:
         target.mkdir()
     result = invoke("verify", target)
     assert result.exit_code == 2 and "nothing" in flat(result.stderr)
+
+
+def test_verify_accepts_one_rgb_file_for_three_channels(tmp_path: Path) -> None:
+    """nnU-Net's natural-image convention (one ``CASE_0000.png`` for R, G, B), as training reads it."""
+    pixels = np.random.default_rng(0).integers(0, 256, size=(9, 11, 3), dtype=np.uint8)
+    write_image(Image.from_array(pixels, is_vector=True), tmp_path / "imagesTr" / "c1_0000.png")
+    mask = np.zeros((9, 11), np.uint8)
+    mask[2:5, 2:5] = 1
+    write_image(Image.from_array(mask), tmp_path / "labelsTr" / "c1.png")
+    meta = {
+        "channel_names": {"0": "R", "1": "G", "2": "B"},
+        "labels": {"background": 0, "a": 1},
+        "numTraining": 1,
+        "file_ending": ".png",
+    }
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    assert verify_raw_dataset(tmp_path).ndim == 2
+    (tmp_path / "dataset.json").write_text(json.dumps({**meta, "channel_names": {"0": "R", "1": "G"}}))
+    with pytest.raises(ValidationError, match=r"c1_0001\.png: missing channel file"):
+        verify_raw_dataset(tmp_path)

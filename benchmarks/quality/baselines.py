@@ -51,9 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ncatool.data.datasets import NORMALIZATIONS, CaseData, NnUNetDataset, normalize
 from ncatool.data.io import write_image
-from ncatool.data.nnunet import FILE_ENDING, write_json
+from ncatool.data.loading import NORMALIZATIONS, CaseData, NnUNetDataset, normalize
+from ncatool.data.nnunet.dataset_json import write_json
+from ncatool.data.nnunet.layout import FILE_ENDING
 from ncatool.errors import USER_ERROR_EXIT_CODE, NcaError
 
 #: Integer images with at most this many distinct possible values get one histogram bin per value.
@@ -123,7 +124,7 @@ def load_dataset(folder: Path) -> Dataset:
         The :class:`Dataset`.
 
     Raises:
-        NcaError: What :class:`ncatool.data.datasets.NnUNetDataset` refuses (missing folder,
+        NcaError: What :class:`ncatool.data.loading.NnUNetDataset` refuses (missing folder,
             ``dataset.json``, ``imagesTr``/``imagesTs`` or labels, bad label values), more than one
             channel, labels that are not ``0 .. K``, or 2D and 3D cases mixed.
     """
@@ -513,7 +514,7 @@ class UNet(nn.Module):
 
 
 def normalize_image(array: np.ndarray, args: argparse.Namespace) -> np.ndarray:
-    """Intensities as ncatool's NCA sees them: :func:`ncatool.data.datasets.normalize` of one channel.
+    """Intensities as ncatool's NCA sees them: :func:`ncatool.data.loading.normalize` of one channel.
 
     Args:
         array: ``(*S)`` image.

@@ -128,8 +128,9 @@ def prepare(
     2D images become 2D NIfTI files.
     """
     from ncatool import console
-    from ncatool.data.nnunet import PrepareOptions, console_escape, prepare_dataset
-    from ncatool.data.pairs import parse_names
+    from ncatool.data.nnunet.pairs import parse_names
+    from ncatool.data.nnunet.prepare import PrepareOptions, prepare_dataset
+    from ncatool.data.nnunet.verify import console_escape
     from ncatool.data.tiles import parse_tile_spec
     from ncatool.errors import NcaError, ValidationError
 

@@ -28,7 +28,7 @@ def verify(
     imagesTs/labelsTs are checked too. Every problem is listed; exit code 2 if there is any.
     """
     from ncatool import console
-    from ncatool.data.nnunet import console_escape, verify_raw_dataset
+    from ncatool.data.nnunet.verify import console_escape, verify_raw_dataset
     from ncatool.errors import ValidationError
 
     try:

@@ -104,7 +104,7 @@ def common_crop(items: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[to
     if len(set(shapes)) <= 1:
         return items
     smallest = tuple(min(sizes) for sizes in zip(*shapes, strict=True))
-    from ncatool.data.datasets import crop
+    from ncatool.data.transforms import crop
 
     cropped = []
     for image, label in items:
@@ -190,7 +190,7 @@ class SegmentationTask:
 
     def batches(self, epoch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Shuffled training batches ``(image (B, C, *S), target (B, K, *S))``."""
-        from ncatool.data.datasets import one_hot_foreground
+        from ncatool.data.transforms import one_hot_foreground
 
         self.train_set.set_epoch(epoch)
         n = len(self.train_set)

@@ -11,21 +11,10 @@ Pairing (:func:`discover_pairs`) finds ``(case, image, label)`` triples by file-
   ``_segmentation``, else ``dirs``.
 
 Validation (:func:`check_pair`) reads both files and collects every problem instead of stopping at
-the first. Geometry is compared with these tolerances (:func:`geometry_issues`):
-
-========= ============================================ =============== ===============
-aspect    measure                                      ok up to        warning up to
-========= ============================================ =============== ===============
-spacing   largest relative difference per axis         1e-5            1e-3
-origin    largest offset, in voxels of the image       1e-3 voxel      0.5 voxel
-direction largest difference of a direction cosine     1e-5            1e-3
-========= ============================================ =============== ===============
-
-Anything beyond the warning limit is an error. ``1e-5`` is the relative tolerance of nnU-Net's own
-spacing check (``np.allclose``) and absorbs the float32 rounding of NIfTI headers. When a label only
-differs within the warning limits, ``prepare`` writes it with the image's geometry, so the prepared
-dataset passes nnU-Net's checks; ``verify`` (see :mod:`ncatool.data.nnunet`) treats any spacing
-difference beyond ``1e-5`` as an error, as nnU-Net does.
+the first, with the rules of :mod:`ncatool.data.nnunet.verify` (NaN/Inf, label values, geometry
+tolerances). Raw inputs get two allowances that a finished dataset does not: colour images (split
+into channel files by ``prepare``), and label geometry that differs within the warning limits (the
+label is then written with the image's geometry, so the prepared dataset passes nnU-Net's checks).
 
 Label values must be non-negative integers (integer-valued floats are accepted and converted). A
 planar (PNG/JPG/...) mask that only holds ``0`` and ``255`` is read as a binary mask ``0/1``.
@@ -34,13 +23,22 @@ planar (PNG/JPG/...) mask that only holds ``0`` and ``255`` is read as a binary 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ncatool.data.io import PLANAR_EXTENSIONS, Image, is_image_file, read_image, split_extension
+from ncatool.data.nnunet.verify import (
+    Issue,
+    format_values,
+    geometry_issues,
+    image_form_problems,
+    label_value_problems,
+    nonfinite_problem,
+    size_problem,
+)
 from ncatool.errors import NcaError
 
 #: Pairing layouts, ``auto`` first.
@@ -49,33 +47,8 @@ MOCK_IMAGE_SUFFIX = "_img"
 MOCK_LABEL_SUFFIX = "_gt"
 ISIC_LABEL_SUFFIX = "_segmentation"
 
-SPACING_RTOL_OK = 1e-5
-SPACING_RTOL_WARN = 1e-3
-ORIGIN_VOXELS_OK = 1e-3
-ORIGIN_VOXELS_WARN = 0.5
-DIRECTION_ATOL_OK = 1e-5
-DIRECTION_ATOL_WARN = 1e-3
-
 #: Luminance weights (ITU-R BT.601) for ``--grayscale``.
 _LUMA = np.array([0.299, 0.587, 0.114])
-
-
-@dataclass(frozen=True)
-class Issue:
-    """One problem with one file.
-
-    Attributes:
-        path: The file concerned.
-        message: What is wrong.
-        case: The case it belongs to, if known.
-    """
-
-    path: Path
-    message: str
-    case: str | None = None
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -352,178 +325,12 @@ def label_array(label: Image, path: Path) -> tuple[np.ndarray | None, list[str]]
     return array, []
 
 
-def label_value_problems(array: np.ndarray, max_label: int | None = None) -> tuple[list[str], frozenset[int]]:
-    """Check that a label array holds non-negative integers within ``0..max_label``.
-
-    Args:
-        array: The label values.
-        max_label: The largest allowed value, or None for no limit.
-
-    Returns:
-        ``(problems, values)``: the problems found and the distinct integer values.
-    """
-    problems: list[str] = []
-    if array.dtype.kind == "b":
-        array = array.astype(np.uint8)
-    if array.dtype.kind not in "uif":
-        return [f"label has unsupported data type {array.dtype}"], frozenset()
-    if array.dtype.kind == "f":
-        finite = np.isfinite(array)
-        if not finite.all():
-            problems.append(f"label contains {int((~finite).sum())} NaN/Inf values")
-            array = array[finite]
-        fractional = array[array != np.round(array)]
-        if fractional.size:
-            problems.append(
-                f"label has non-integer values (e.g. {_fmt(float(fractional.flat[0]))}); "
-                "labels must be integers"
-            )
-            array = array[array == np.round(array)]
-    values = np.unique(array)
-    negative = values[values < 0]
-    if negative.size:
-        problems.append(f"label has negative values {format_values(negative)}")
-    if max_label is not None:
-        unexpected = values[values > max_label]
-        if unexpected.size:
-            problems.append(
-                f"label values {format_values(unexpected)} are not in the labels (0..{max_label})"
-            )
-    return problems, frozenset(int(v) for v in values)
-
-
 def label_dtype(max_value: int) -> np.dtype:
     """The smallest unsigned integer type for labels up to ``max_value``."""
     for dtype in (np.uint8, np.uint16, np.uint32):
         if max_value <= np.iinfo(dtype).max:
             return np.dtype(dtype)
     return np.dtype(np.int64)
-
-
-def nonfinite_problem(array: np.ndarray) -> str | None:
-    """A message if a float array holds NaN or Inf values, else None."""
-    if array.dtype.kind not in "fc":
-        return None
-    nan = int(np.isnan(array).sum())
-    inf = int(np.isinf(array).sum())
-    if not nan and not inf:
-        return None
-    return f"image contains {nan} NaN and {inf} Inf values"
-
-
-def file_nonfinite_problem(path: Path, array: np.ndarray, what: str = "image") -> str | None:
-    """Like :func:`nonfinite_problem`, but also sees NaN/Inf that the reader hid.
-
-    SimpleITK's NIfTI reader silently replaces NaN and Inf by 0, so float NIfTI files are scanned
-    again with nibabel, which keeps the stored values.
-
-    Args:
-        path: The file ``array`` was read from.
-        array: Its data as read by :func:`ncatool.data.io.read_image`.
-        what: ``"image"`` or ``"label"``, for the message.
-
-    Returns:
-        A message, or None if all values are finite.
-    """
-    problem = nonfinite_problem(array)
-    if problem is None and split_extension(path)[1] in (".nii", ".nii.gz"):
-        import nibabel as nib
-
-        try:
-            stored = nib.load(str(path))
-            if stored.header.get_data_dtype().kind in "fc":
-                problem = nonfinite_problem(np.asarray(stored.dataobj))
-        except Exception:  # nibabel cannot parse what SimpleITK could: nothing more to learn
-            problem = None
-    return problem.replace("image", what, 1) if problem else None
-
-
-# --------------------------------------------------------------------------------------------------
-# Geometry
-
-
-@dataclass(frozen=True)
-class GeometryDiff:
-    """How far apart two geometries are.
-
-    Attributes:
-        spacing: Largest relative spacing difference over the axes.
-        origin: Largest origin offset along an image axis, in voxels of the reference.
-        direction: Largest absolute difference of a direction cosine.
-    """
-
-    spacing: float
-    origin: float
-    direction: float
-
-
-def geometry_diff(ref: Image, other: Image) -> GeometryDiff:
-    """Compare the geometry of ``other`` with ``ref`` (both of the same dimension)."""
-    sp_ref = np.asarray(ref.spacing, dtype=float)
-    sp_other = np.asarray(other.spacing, dtype=float)
-    scale = np.maximum(np.maximum(np.abs(sp_ref), np.abs(sp_other)), 1e-12)
-    spacing = float(np.max(np.abs(sp_ref - sp_other) / scale))
-    n = len(sp_ref)
-    delta = np.asarray(other.origin, dtype=float) - np.asarray(ref.origin, dtype=float)
-    matrix = np.asarray(ref.direction, dtype=float).reshape(n, n) * sp_ref[None, :]
-    try:
-        in_voxels = np.linalg.solve(matrix, delta)
-    except np.linalg.LinAlgError:
-        in_voxels = delta / max(float(np.min(np.abs(sp_ref))), 1e-12)
-    origin = float(np.max(np.abs(in_voxels)))
-    direction = float(np.max(np.abs(np.asarray(ref.direction) - np.asarray(other.direction))))
-    return GeometryDiff(spacing=spacing, origin=origin, direction=direction)
-
-
-def geometry_issues(
-    ref: Image, other: Image, ref_name: str = "image", strict_spacing: bool = False
-) -> tuple[list[str], list[str]]:
-    """Classify the geometry differences of ``other`` against ``ref`` (see module docstring).
-
-    Args:
-        ref: The reference (the image, or the first channel).
-        other: The file checked against it.
-        ref_name: How to call the reference in messages.
-        strict_spacing: Treat every spacing difference beyond the "ok" tolerance as an error.
-
-    Returns:
-        ``(errors, warnings)`` as messages about ``other``.
-    """
-    errors: list[str] = []
-    warnings: list[str] = []
-    diff = geometry_diff(ref, other)
-    spacing_warn = SPACING_RTOL_OK if strict_spacing else SPACING_RTOL_WARN
-    checks = (
-        (
-            "spacing",
-            diff.spacing,
-            SPACING_RTOL_OK,
-            spacing_warn,
-            "relative difference {v:.3g}; error above {w:g}",
-        ),
-        (
-            "origin",
-            diff.origin,
-            ORIGIN_VOXELS_OK,
-            ORIGIN_VOXELS_WARN,
-            "{v:.3g} voxels apart; error above {w:g}",
-        ),
-        (
-            "direction",
-            diff.direction,
-            DIRECTION_ATOL_OK,
-            DIRECTION_ATOL_WARN,
-            "cosines differ by {v:.3g}; error above {w:g}",
-        ),
-    )
-    for aspect, value, ok, warn, how in checks:
-        if value <= ok:
-            continue
-        mine, theirs = _tuple(getattr(other, aspect)), _tuple(getattr(ref, aspect))
-        detail = how.format(v=value, w=warn)
-        message = f"{aspect} {mine} differs from the {ref_name} {aspect} {theirs} ({detail})"
-        (warnings if value <= warn else errors).append(message)
-    return errors, warnings
 
 
 # --------------------------------------------------------------------------------------------------
@@ -549,18 +356,18 @@ def check_pair(pair: Pair, grayscale: bool = False, max_label: int | None = None
         channels = _check_image(image, pair.image, grayscale, check)
     if label is None:
         return check
-    if label.ndim not in (2, 3):
-        check.error(pair.label, f"label is {label.ndim}D; expected a 2D or 3D label")
+    problems = image_form_problems(label, "label", components=None)
+    for problem in problems:
+        check.error(pair.label, problem)
+    if problems:
         return check
     array, problems = label_array(label, pair.label)
     for problem in problems:
         check.error(pair.label, problem)
     if array is None:
         return check
-    problems, values = label_value_problems(array, max_label)
-    nonfinite = file_nonfinite_problem(pair.label, array, "label") if array.dtype.kind == "f" else None
-    if nonfinite and not any("NaN" in p for p in problems):
-        problems.append(nonfinite)
+    allowed = None if max_label is None else range(max_label + 1)
+    problems, values = label_value_problems(array, allowed, allowed_from="--label-names values")
     for problem in problems:
         check.error(pair.label, problem)
     check.label_values = values
@@ -584,16 +391,13 @@ def _read(path: Path, check: PairCheck) -> Image | None:
 
 
 def _check_image(image: Image, path: Path, grayscale: bool, check: PairCheck) -> list[Image]:
-    if image.ndim not in (2, 3):
-        check.error(path, f"image is {image.ndim}D; expected a 2D or 3D image (one file per case)")
+    # Raw inputs may be colour images: prepare splits their components into channel files.
+    problems = image_form_problems(image, "image", components=None)
+    for problem in problems:
+        check.error(path, problem)
+    if problems:
         return []
-    if image.array.size == 0:
-        check.error(path, "image has no voxels")
-        return []
-    if image.array.dtype.kind not in "uifb":
-        check.error(path, f"image has unsupported data type {image.array.dtype}")
-        return []
-    problem = file_nonfinite_problem(path, image.array)
+    problem = nonfinite_problem(image.array)
     if problem:
         check.error(path, problem)
     channels, names = image_channels(image, path, grayscale)
@@ -607,14 +411,9 @@ def _check_image(image: Image, path: Path, grayscale: bool, check: PairCheck) ->
 
 def _check_alignment(image: Image, label: Image, check: PairCheck) -> None:
     path = check.pair.label
-    if image.ndim != label.ndim:
-        check.error(path, f"label is {label.ndim}D but the image is {image.ndim}D")
-        return
-    if image.spatial_shape != label.spatial_shape:
-        check.error(
-            path,
-            f"label size {format_size(label)} differs from the image size {format_size(image)} (x, y[, z])",
-        )
+    problem = size_problem(image, label, "image", "label")
+    if problem:
+        check.error(path, problem)
         return
     errors, warnings = geometry_issues(image, label)
     for message in errors:
@@ -685,24 +484,3 @@ def parse_names(text: str | None, what: str) -> list[str] | None:
     if duplicates:
         raise NcaError(f"{what}: duplicate names {', '.join(duplicates)}")
     return names
-
-
-def format_size(image: Image) -> str:
-    """The spatial size in ``(x, y[, z])`` order, like spacing (the array shape reversed)."""
-    return "(" + ", ".join(str(n) for n in reversed(image.spatial_shape)) + ")"
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.6g}"
-
-
-def _tuple(values: Iterable[float]) -> str:
-    return "(" + ", ".join(_fmt(float(v)) for v in values) + ")"
-
-
-def format_values(values: Iterable[float], limit: int = 10) -> str:
-    """``[0, 1, 3]``, shortened to the first ``limit`` values (sorted) for long lists."""
-    ordered = sorted(float(v) for v in values)
-    items = [_fmt(v) for v in ordered[:limit]]
-    more = f", ... ({len(ordered)} in all)" if len(ordered) > limit else ""
-    return "[" + ", ".join(items) + more + "]"
