@@ -1,13 +1,22 @@
-"""The NCA core: filters, fire rate, zero-initialised rule, alive masking, checkpointing."""
+"""The NCA core: filters, fire rate, zero-initialised rule, alive masking, checkpointing, the
+backend setting, states step by step, low-memory slabs, old checkpoints."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from ncatool.models import slabs
+from ncatool.models.fast_step import FastOptions
 from ncatool.models.filters import FIXED_FILTERS, filter_bank
-from ncatool.models.nca import NCA, NCAConfig, alive_mask, fire_mask
+from ncatool.models.growing import ConditionalNCA
+from ncatool.models.nca import NCA, NCAConfig, alive_mask, fire_mask, set_backend
 from ncatool.models.segmentation import SegmentationNCA, SegModelConfig, probs_to_labels
+
+FIXTURES = Path(__file__).parent / "fixtures" / "main_2f367d7"
 
 
 @pytest.mark.parametrize("dim", [2, 3])
@@ -42,10 +51,10 @@ def test_fire_rate_is_probability_of_update() -> None:
     assert fire_mask((1, 1, 4, 4), 1.0, torch.device("cpu"), torch.float32).min() == 1.0
 
 
-def _nca(dim: int = 2, **kw: object) -> NCA:
+def _nca(dim: int = 2, backend: str = "auto", **kw: object) -> NCA:
     kw.setdefault("fixed_channels", 1)
     cfg = NCAConfig(channels=8, hidden=16, dim=dim, **kw)  # type: ignore[arg-type]
-    return NCA(cfg)
+    return NCA(cfg, backend=backend)
 
 
 @pytest.mark.parametrize("dim", [2, 3])
@@ -146,3 +155,150 @@ def test_segmentation_nca_shapes_whole_and_patch(dim: int, size: tuple[int, ...]
 def test_probs_to_labels() -> None:
     probs = torch.tensor([[[0.9, 0.2, 0.6]], [[0.1, 0.3, 0.8]]])[None]  # (1, 2, 1, 3)
     assert probs_to_labels(probs).tolist() == [[[1, 0, 2]]]
+
+
+def _tuples(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def _fixture_model(task: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model of a checkpoint written by ncatool at 2f367d7, built from its saved settings."""
+    payload = torch.load(FIXTURES / task / "last.pt", map_location="cpu", weights_only=False)
+    shape = _tuples(dict(payload["task_state"]["model"]))
+    model: torch.nn.Module
+    if task in ("seg2d", "seg3d"):
+        model = SegmentationNCA(SegModelConfig(**shape))
+    elif task == "digits":
+        embed_dim = shape.pop("embed_dim")
+        model = ConditionalNCA(NCAConfig(**shape), 10, embed_dim)
+    else:
+        model = NCA(NCAConfig(**shape))
+    return model, payload
+
+
+@pytest.mark.parametrize("task", ["seg2d", "seg3d", "grow", "digits"])
+def test_old_checkpoints_load_and_both_backends_agree(task: str) -> None:
+    model, payload = _fixture_model(task)
+    model.load_state_dict(payload["model"])  # strict: the same keys and shapes as at 2f367d7
+    assert list(model.state_dict()) == list(payload["model"])
+    model.eval()
+
+    def run(backend: str) -> torch.Tensor:
+        set_backend(model, backend)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            if isinstance(model, SegmentationNCA):
+                return model(torch.randn(1, 1, *([16] * model.cfg.dim))).logits
+            x = torch.rand(2, model.cfg.channels, 12, 12)
+            if isinstance(model, ConditionalNCA):
+                return model(x, 4, torch.tensor([0, 7]))
+            return model(x, 4)
+
+    torch.testing.assert_close(run("fast"), run("reference"), rtol=1e-4, atol=1e-5)
+
+
+def test_backend_setting_and_set_backend() -> None:
+    model = SegmentationNCA(SegModelConfig(dim=2, channels=8, hidden=16, steps=(2, 2), kernels=(3, 3)))
+    assert all(nca.backend == "auto" and nca.runs_fast(torch.zeros(1)) for nca in model.levels)
+    options = FastOptions(kernels=False)
+    assert set_backend(model, "reference") == 2
+    assert not any(nca.runs_fast(torch.zeros(1)) for nca in model.levels)
+    assert set_backend(model, "fast", options) == 2
+    assert all(nca.fast_options is options for nca in model.levels)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        set_backend(model, "gpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        NCA(NCAConfig(), backend="quick")
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_a_given_fire_mask_is_the_one_used(backend: str) -> None:
+    torch.manual_seed(0)
+    nca = _nca(2, filters=("sobel", "learned"), fire_rate=0.5, backend=backend)
+    torch.nn.init.normal_(nca.rule.fc1.weight, std=0.2)
+    x = torch.rand(2, 8, 9, 9)
+    fire = torch.rand(2, 1, 9, 9) < 0.3
+    y = nca.step(x, fire=fire)
+    changed = (y != x)[:, 1:].any(dim=1, keepdim=True)
+    assert torch.equal(changed, fire)
+    torch.testing.assert_close(y, nca.reference_step(x, fire=fire), rtol=1e-5, atol=1e-6)
+    torch.manual_seed(3)  # None draws the mask, as fire_mask draws it
+    drawn = fire_mask((2, 1, 9, 9), 0.5, x.device, torch.bool)
+    torch.manual_seed(3)
+    torch.testing.assert_close(nca.step(x), nca.reference_step(x, fire=drawn), rtol=1e-5, atol=1e-6)
+
+
+def test_rollout_yields_every_state_of_forward() -> None:
+    torch.manual_seed(0)
+    nca = _nca(2, filters=("sobel", "learned"))
+    torch.nn.init.normal_(nca.rule.fc1.weight, std=0.2)
+    x = torch.rand(2, 8, 7, 7)
+    torch.manual_seed(1)
+    out, states = nca(x, 5, return_states=True)
+    torch.manual_seed(1)
+    rolled = list(nca.rollout(x, 5))
+    assert len(rolled) == 5
+    for a, b in zip(rolled, states, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(rolled[-1], out)
+
+
+def test_segmentation_states_end_at_forward() -> None:
+    torch.manual_seed(0)
+    cfg = SegModelConfig(dim=2, channels=8, hidden=16, scale=2, steps=(3, 2), kernels=(3, 3))
+    model = SegmentationNCA(cfg)
+    for level in model.levels:
+        torch.nn.init.normal_(level.rule.fc1.weight, std=0.2)
+    img = torch.randn(1, 1, 16, 12)
+    with torch.no_grad():
+        torch.manual_seed(2)
+        logits = model(img).logits
+        torch.manual_seed(2)
+        seen = list(model.states(img))
+    assert [(level, step) for level, step, _ in seen] == [(0, s) for s in range(4)] + [
+        (1, s) for s in range(3)
+    ]
+    assert seen[0][2].shape == (1, 8, 8, 6) and seen[-1][2].shape == (1, 8, 16, 12)
+    assert torch.equal(seen[-1][2][:, 1:2], logits)
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_step_budget_equals_the_whole_forward(backend: str) -> None:
+    # M3D-NCA shape: a 7-wide kernel at the coarse level; the budget cuts both levels into slabs
+    torch.manual_seed(0)
+    cfg = SegModelConfig(dim=3, channels=8, hidden=16, scale=2, steps=(3, 3), kernels=(7, 3))
+    model = SegmentationNCA(cfg)
+    set_backend(model, backend)
+    for level in model.levels:
+        torch.nn.init.normal_(level.rule.fc1.weight, std=0.2)
+    img = torch.randn(1, 1, 24, 20, 20)
+    plane = 20 * 20 * slabs.step_bytes_per_cell(model.levels[1])
+    budget = 2 * plane  # level 1 in slabs of 2 planes, level 0 (4x smaller planes) of 8
+    for level, size in ((0, (12, 10, 10)), (1, (24, 20, 20))):
+        assert slabs.slab_depth(model.levels[level], torch.empty(1, 8, *size), budget) < size[0]
+    with torch.no_grad():
+        torch.manual_seed(5)
+        whole = model(img).logits
+        torch.manual_seed(5)
+        sliced = model(img, step_budget=budget).logits
+    assert not torch.allclose(whole, torch.zeros_like(whole))
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="inference"):
+        model(img, step_budget=budget)  # gradients on
+
+
+def test_step_budget_with_alive_masking_and_fixed_filters() -> None:
+    # the halo covers the perception and the alive mask of the new state
+    torch.manual_seed(0)
+    nca = NCA(NCAConfig(channels=8, fixed_channels=0, hidden=16, filters=("sobel",), alive_channel=3))
+    torch.nn.init.normal_(nca.rule.fc1.weight, std=0.3)
+    x = torch.rand(2, 8, 30, 9) * 0.2
+    budget = 2 * 9 * 2 * slabs.step_bytes_per_cell(nca)  # 2 planes of 2 x 9 cells
+    assert slabs.halo(nca) == 2 and slabs.slab_depth(nca, x, budget) == 2
+    with torch.no_grad():
+        torch.manual_seed(1)
+        whole = nca(x, 6)
+        torch.manual_seed(1)
+        sliced = nca(x, 6, step_budget=budget)
+    assert (whole == 0).any() and (whole != 0).any()
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-6)

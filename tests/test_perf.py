@@ -9,8 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ncatool.models.kernels as kernels_module
-import ncatool.models.nca as nca_module
 from ncatool import perf
 from ncatool.bench import (
     Workload,
@@ -22,6 +20,7 @@ from ncatool.bench import (
     seg3d_config,
 )
 from ncatool.errors import NcaError
+from ncatool.models.fast_step import FastOptions, bucket
 from ncatool.models.nca import NCA, NCAConfig, alive_mask
 from ncatool.models.segmentation import SegmentationNCA
 
@@ -146,16 +145,12 @@ CONFIGS = [
 @pytest.mark.parametrize("every", [0, 1, 2])
 @pytest.mark.parametrize("gather", [True, False])
 @pytest.mark.parametrize("fused", [True, False])
-def test_fast_step_matches_straightforward_step(
-    kw: dict, every: int, gather: bool, fused: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(nca_module, "_CHUNK_ROWS", 40)  # exercise the chunked recomputing backward
-    if not fused:  # the PyTorch ops instead of the compiled kernels
-        monkeypatch.setattr(kernels_module, "_LIB", False)
-    if not gather:  # the masked (GPU) variant of the update, run on the CPU
-        monkeypatch.setattr(nca_module, "GATHER_DEVICES", set())
+def test_fast_step_matches_straightforward_step(kw: dict, every: int, gather: bool, fused: bool) -> None:
+    # fused=False: PyTorch ops instead of the compiled kernels; gather=False: the masked (GPU)
+    # variant of the update, run on the CPU; 40-row chunks exercise the chunked recomputing backward
+    options = FastOptions(kernels=fused, gather=gather, chunk_rows=40)
     torch.manual_seed(0)
-    nca = NCA(NCAConfig(channels=8, hidden=kw.pop("hidden", 16), **kw))
+    nca = NCA(NCAConfig(channels=8, hidden=kw.pop("hidden", 16), **kw), backend="fast", fast_options=options)
     torch.nn.init.normal_(nca.rule.fc1.weight, std=0.2)
     for layer in nca.perception.learned:
         torch.nn.init.normal_(layer.bias, std=0.1)
@@ -173,7 +168,7 @@ def test_fast_step_matches_straightforward_step(
         else:
             y = xx
             for _ in range(3):
-                y = nca._step_reference(y, cond)
+                y = nca.reference_step(y, cond)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         extra = [cond.grad] if cond is not None else []
         return [y, xx.grad, *(p.grad for p in nca.parameters()), *extra]
@@ -204,7 +199,7 @@ def test_forward_returns_contiguous_and_keeps_input() -> None:
 
 def test_bucket_rounds_up_a_little() -> None:
     for n in (0, 1, 63, 64, 65, 1000, 16411, 262_000):
-        b = nca_module._bucket(n)
+        b = bucket(n)
         assert b >= n and b - n <= max(64, n // 64)
 
 

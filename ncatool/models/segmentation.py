@@ -4,6 +4,8 @@ Level 0 runs on the image downscaled by ``scale ** (levels - 1)``; each next lev
 previous level's hidden channels by ``scale``, concatenates them with the image at its own
 resolution and runs its own NCA. In training, levels above 0 may run on random patches (the label
 is cropped to match); at inference every level sees the whole image, whatever its size.
+:meth:`SegmentationNCA.states` yields every step's state (animation); ``forward(...,
+step_budget=...)`` runs every step in slabs (large volumes in little memory, the same result).
 
 The state of every level is ``[image channels (fixed) | output channels | hidden channels]``; the
 logits are the ``n_out`` channels right after the image channels.
@@ -11,6 +13,7 @@ logits are the ``n_out`` channels right after the image channels.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -149,6 +152,7 @@ class SegmentationNCA(nn.Module):
         generator: torch.Generator | None = None,
         return_states: bool = False,
         checkpoint_every: int = 0,
+        step_budget: int | None = None,
     ) -> SegOutput:
         """Segment an image.
 
@@ -159,46 +163,94 @@ class SegmentationNCA(nn.Module):
             generator: Random source for the patch positions.
             return_states: Keep every intermediate state (animation).
             checkpoint_every: Gradient checkpointing chunk (0 = off).
+            step_budget: Low-memory inference: every step runs in slabs with about this many bytes of
+                temporaries, into two state buffers (:mod:`ncatool.models.slabs`); gradients must be
+                off and ``patch`` None. The same result as without it, from the same random draws.
 
         Returns:
             A :class:`SegOutput`; ``window`` maps the logits back to full-resolution voxels.
         """
         cfg = self.cfg
+        if step_budget is not None and patch is not None:
+            raise ValueError("step_budget is for inference on the whole image: pass patch=None")
         pyramid = image_pyramid(image, cfg.levels, cfg.scale)
         # window of the current state, in that level's voxel coordinates
         window = tuple((0, s) for s in pyramid[0].shape[2:])
-        hidden = image.new_zeros(0)
+        state = image.new_zeros(0)
         all_states: list[list[torch.Tensor]] = []
         for level, nca in enumerate(self.levels):
-            img = pyramid[level]
-            if level > 0:
-                factor = [img.shape[2 + i] / pyramid[level - 1].shape[2 + i] for i in range(cfg.dim)]
-                window = tuple(
-                    (round(a * f), min(round(b * f), img.shape[2 + i]))
-                    for i, ((a, b), f) in enumerate(zip(window, factor, strict=True))
-                )
-                size = [b - a for a, b in window]
-                hidden = F.interpolate(hidden, size=size, mode="nearest")
-                if patch is not None and patch[level] > 0:
-                    sub = random_window(tuple(size), patch[level], generator)
-                    hidden = crop(hidden, sub)
-                    window = tuple((a + sa, a + sb) for (a, _), (sa, sb) in zip(window, sub, strict=True))
-                img = crop(img, window)
-                state = torch.cat([img, hidden], dim=1)
-            else:
-                zeros = img.new_zeros((img.shape[0], cfg.channels - cfg.in_channels, *img.shape[2:]))
-                state = torch.cat([img, zeros], dim=1)
-            check_level_size(state.shape[2:], cfg.kernels[level], cfg.padding, level)
+            state, window = self._level_input(level, pyramid, state, window, patch, generator)
             steps = cfg.steps[level]
             if return_states:
-                state, states = nca(state, steps, return_states=True)
+                state, states = nca(state, steps, return_states=True, step_budget=step_budget)
                 all_states.append(states)
             else:
-                state = nca(state, steps, checkpoint_every=checkpoint_every)
-            hidden = state[:, cfg.in_channels :]
+                state = nca(state, steps, checkpoint_every=checkpoint_every, step_budget=step_budget)
         # The last level is at full resolution, so its window is in full-resolution voxels.
         logits = state[:, cfg.in_channels : cfg.in_channels + cfg.n_out]
         return SegOutput(logits=logits, window=window, states=all_states if return_states else None)
+
+    def states(
+        self, image: torch.Tensor, step_budget: int | None = None, steps: Sequence[int] | None = None
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Inference step by step: every level on the whole image, as :meth:`forward` with no patch.
+
+        Args:
+            image: ``(B, in_channels, *S)``, normalised.
+            step_budget: As for :meth:`forward` (slabs; call under ``torch.no_grad()``).
+            steps: Steps per level instead of ``cfg.steps`` (e.g. to watch a model run longer).
+
+        Yields:
+            ``(level, step, state)``: ``step`` 0 is the level's initial state, ``step`` k the state
+            after its k-th step; ``state`` is ``(B, C, *S_level)`` (channels-last in memory). The
+            logits of the last state are what :meth:`forward` returns for the same random draws.
+        """
+        cfg = self.cfg
+        pyramid = image_pyramid(image, cfg.levels, cfg.scale)
+        window = tuple((0, s) for s in pyramid[0].shape[2:])
+        state = image.new_zeros(0)
+        for level, nca in enumerate(self.levels):
+            state, window = self._level_input(level, pyramid, state, window, None, None)
+            yield level, 0, state
+            n = cfg.steps[level] if steps is None else steps[level]
+            for step, new in enumerate(nca.rollout(state, n, step_budget=step_budget), 1):
+                state = new
+                yield level, step, state
+
+    def _level_input(
+        self,
+        level: int,
+        pyramid: list[torch.Tensor],
+        previous: torch.Tensor,
+        window: tuple[tuple[int, int], ...],
+        patch: tuple[int, ...] | None,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, tuple[tuple[int, int], ...]]:
+        """The initial state of ``level`` and its window (in that level's voxels).
+
+        Level 0 starts from zeros; a later level from the ``previous`` level's final state, whose
+        hidden channels are upsampled (nearest) and, with a ``patch``, cropped to a random window.
+        """
+        cfg = self.cfg
+        img = pyramid[level]
+        if level == 0:
+            zeros = img.new_zeros((img.shape[0], cfg.channels - cfg.in_channels, *img.shape[2:]))
+            state = torch.cat([img, zeros], dim=1)
+        else:
+            factor = [img.shape[2 + i] / pyramid[level - 1].shape[2 + i] for i in range(cfg.dim)]
+            window = tuple(
+                (round(a * f), min(round(b * f), img.shape[2 + i]))
+                for i, ((a, b), f) in enumerate(zip(window, factor, strict=True))
+            )
+            size = [b - a for a, b in window]
+            hidden = F.interpolate(previous[:, cfg.in_channels :], size=size, mode="nearest")
+            if patch is not None and patch[level] > 0:
+                sub = random_window(tuple(size), patch[level], generator)
+                hidden = crop(hidden, sub)
+                window = tuple((a + sa, a + sb) for (a, _), (sa, sb) in zip(window, sub, strict=True))
+            state = torch.cat([crop(img, window), hidden], dim=1)
+        check_level_size(state.shape[2:], cfg.kernels[level], cfg.padding, level)
+        return state, window
 
     @torch.no_grad()
     def predict_proba(self, image: torch.Tensor) -> torch.Tensor:
