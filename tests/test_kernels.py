@@ -1,4 +1,5 @@
-"""The fused CPU kernels equal PyTorch's ops; without a compiler the NCA falls back to PyTorch."""
+"""The fused CPU operators equal PyTorch's ops and refuse wrong arguments; without a compiler the
+NCA falls back to PyTorch."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import ncatool.models.kernels as kernels
+from ncatool.models.fast_step import FastOptions
 from ncatool.models.nca import NCA, NCAConfig
 
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: kernels unavailable")
@@ -107,9 +109,10 @@ def test_relu_backward_and_mask_indices_equal_pytorch(dtype: torch.dtype) -> Non
     assert torch.equal(kernels.mask_indices(mask), mask.nonzero().squeeze(1))
 
 
-def _grads_of_a_short_run() -> list[torch.Tensor]:
+def _grads_of_a_short_run(options: FastOptions | None = None) -> list[torch.Tensor]:
     torch.manual_seed(0)
-    nca = NCA(NCAConfig(channels=8, hidden=16, filters=("sobel", "learned"), padding="reflect"))
+    cfg = NCAConfig(channels=8, hidden=16, filters=("sobel", "learned"), padding="reflect")
+    nca = NCA(cfg, backend="fast", fast_options=options)
     torch.nn.init.normal_(nca.rule.fc1.weight, std=0.2)
     x = torch.rand(2, 8, 9, 9, requires_grad=True)
     torch.manual_seed(1)
@@ -117,33 +120,92 @@ def _grads_of_a_short_run() -> list[torch.Tensor]:
     return [x.grad, *(p.grad for p in nca.parameters())]
 
 
-def test_nca_falls_back_to_pytorch_without_a_compiler(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_no_compiler_builds_nothing_and_the_nca_runs_on_pytorch(tmp_path: Path) -> None:
+    assert kernels.build(cc="false", cxx="false", cache=tmp_path) is None  # "compilers" that always fail
+    assert not list(tmp_path.iterdir())  # nothing half-built left behind
+    assert kernels.build(cc="no-such-compiler", cache=tmp_path) is None
     with_kernels = _grads_of_a_short_run()
-    monkeypatch.setattr(kernels, "_LIB", None)
-    monkeypatch.setenv("NCATOOL_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    assert kernels.library() is None
-    assert not list(tmp_path.glob("*.so"))  # nothing half-built left behind
-    without = _grads_of_a_short_run()
+    without = _grads_of_a_short_run(FastOptions(kernels=False))
     for a, b in zip(with_kernels, without, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_kernels_can_be_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "_LIB", None)
     monkeypatch.setenv("NCATOOL_KERNELS", "0")
-    assert kernels.library() is None
+    assert kernels.probe() == "disabled by NCATOOL_KERNELS=0"
 
 
 @needs_kernels
-def test_build_goes_to_the_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(kernels, "_LIB", None)
-    monkeypatch.setenv("NCATOOL_CACHE_DIR", str(tmp_path / "cache"))
-    assert kernels.library() is not None
+def test_build_goes_to_the_cache_dir(tmp_path: Path) -> None:
+    path = kernels.build(cache=tmp_path / "cache")
+    assert path is not None and path == kernels.library_path(tmp_path / "cache")
     built = list((tmp_path / "cache").iterdir())
-    assert len(built) == 1 and built[0].suffix == ".so"  # no temporary files left
+    assert built == [path] and path.suffix == ".so"  # no temporary files left
+    assert kernels.build(cache=tmp_path / "cache") == path  # the second time from the cache
+
+
+@needs_kernels
+def test_probe_leaves_the_global_rng_alone() -> None:
+    # the self-check runs in whichever process first uses the kernels; fire masks draw from this RNG
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    assert kernels.probe() is None
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def _op_args() -> dict[str, tuple]:
+    """Valid arguments for each operator (small 2D state, 2 batch items, 4 channels)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 5, 6, generator=gen).contiguous(memory_format=torch.channels_last)
+    taps, bias = torch.randn(2, 3, 3, 4, generator=gen), torch.randn(2, 4, generator=gen)
+    idx = torch.tensor([0, 3, 7, 31, 59])
+    grad = torch.randn(5, 12, generator=gen)
+    return {
+        "perceive_rows": (x, [taps], [bias], "reflect", idx, torch.float32),
+        "perceive_rows_backward": (x, [taps], "reflect", idx, grad, torch.zeros(60, 4), [True], [True]),
+        "update_rows": (x, torch.randn(5, 3, generator=gen), idx, 5, 1, 0, 0.1),
+        "update_rows_backward": (x, torch.ones(60, dtype=torch.bool), idx, 5, 8, 1, torch.bfloat16),
+        "relu_backward_": (torch.randn(7, 3, generator=gen), torch.randn(7, 3, generator=gen).relu()),
+        "mask_indices": (torch.rand(60, generator=gen) < 0.5,),
+    }
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", list(_op_args()))
+def test_operators_pass_opcheck(name: str) -> None:
+    # schema (what each operator mutates) and the fake implementations torch.compile traces
+    op = getattr(torch.ops.ncatool, name)
+    torch.library.opcheck(op, _op_args()[name], test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("name", "change", "message"),
+    [
+        ("perceive_rows", {0: lambda x: x.double()}, "must be float32"),
+        ("perceive_rows", {0: lambda x: x.contiguous()}, "channels-last"),
+        ("perceive_rows", {1: lambda t: [t[0][..., :3].contiguous()]}, "C=4"),
+        ("perceive_rows", {1: lambda t: [t[0][:, :2, :2].contiguous()]}, "odd"),
+        ("perceive_rows", {4: lambda i: i + 100}, "is not a cell"),
+        ("perceive_rows", {3: lambda p: "mirror"}, "padding must be"),
+        ("perceive_rows", {5: lambda d: torch.float16}, "float32 or bfloat16"),
+        ("perceive_rows_backward", {3: lambda i: i.flip(0)}, "strictly increasing"),
+        ("perceive_rows_backward", {4: lambda g: g[:, :11].contiguous()}, "grad must be"),
+        ("perceive_rows_backward", {5: lambda g: g[:30]}, "grad_x must be"),
+        ("update_rows", {1: lambda d: d[:, :2].contiguous()}, "dx must be"),
+        ("update_rows", {3: lambda f: 6}, "fired must be"),
+        ("update_rows", {5: lambda c: 4}, "alive_channel"),
+        ("update_rows_backward", {1: lambda life: life[:10]}, "life must be"),
+        ("relu_backward_", {1: lambda h: h.double()}, "one dtype"),
+        ("mask_indices", {0: lambda m: m.long()}, "bool"),
+    ],
+)
+def test_a_wrong_call_raises_instead_of_corrupting_memory(name: str, change: dict, message: str) -> None:
+    args = list(_op_args()[name])
+    for i, f in change.items():
+        args[i] = f(args[i])
+    with pytest.raises(RuntimeError, match=message):
+        getattr(torch.ops.ncatool, name)(*args)
 
 
 @needs_kernels

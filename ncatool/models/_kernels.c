@@ -1,4 +1,5 @@
-/* Fused CPU kernels for the NCA's perception on channels-last states (see kernels.py).
+/* Fused CPU kernels for the NCA's perception on channels-last states (see kernels.py; declared in
+   _kernels.h, registered as PyTorch operators by _ops.cpp).
 
    A state is float32 (B, D, H, W, C) in memory (2D: D = 1); a cell is one (b, z, y, x) position and
    the C values of a cell are contiguous. One call handles `nf` depthwise filters of the same size,
@@ -17,6 +18,8 @@
 
    Also: update_rows / alive_mask / apply_life / update_rows_bwd (the state update of the fired
    cells, Growing-NCA alive masking and their adjoint), relu_backward, mask_indices. */
+
+#include "_kernels.h"
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -49,7 +52,7 @@ static inline int64_t pad_index(int64_t i, int64_t n, int mode) {
     }
 }
 
-#define MAX_TAPS 1331 /* kernels up to 11^3 */
+#define MAX_TAPS NCA_MAX_TAPS
 
 typedef struct {
     int64_t B, D, H, W, C;

@@ -1,8 +1,8 @@
-"""Fused CPU kernels for the memory-bound parts of the fast NCA step, compiled on first use.
+"""Fused CPU kernels for the memory-bound parts of the fast NCA step, as PyTorch operators.
 
-The fast step (:mod:`ncatool.models.nca`) feeds the MLP only the cells that fire. In PyTorch that
-takes one depthwise convolution per filter over *every* cell, a concatenation, a row gather and a
-dtype cast; backward, a zero-filled scatter of the rows' gradient and one convolution backward per
+The fast step (:mod:`ncatool.models.fast_step`) feeds the MLP only the cells that fire. In PyTorch
+that takes one depthwise convolution per filter over *every* cell, a concatenation, a row gather and
+a dtype cast; backward, a zero-filled scatter of the rows' gradient and one convolution backward per
 filter; then a clone, an index-add, two dilated alive masks and a multiply for the update. On 2 cores
 these passes took about a third of a bf16 training step. ``_kernels.c`` does each in one pass:
 
@@ -15,18 +15,30 @@ these passes took about a third of a bf16 training step. ``_kernels.c`` does eac
 - :func:`relu_backward_` (ReLU's backward in place) and :func:`mask_indices` (``nonzero`` of the
   fire mask in one sequential pass).
 
-The C source is compiled with the system C compiler (``$CC`` or ``cc``, ``-O3 -march=native
--fopenmp``) into ``$NCATOOL_CACHE_DIR`` (default ``~/.cache/ncatool``), keyed by a hash of the
-source, flags and CPU, written under a temporary name and renamed; it links against the OpenMP
-runtime PyTorch has already loaded, so both share one thread pool. Where there is no compiler, the
-build fails, or a numeric self-check against PyTorch fails, :func:`library` returns None and the
-step runs on PyTorch ops (same results to float32 rounding). ``NCATOOL_KERNELS=0`` turns the kernels
-off.
+**Operators.** ``_ops.cpp`` registers each kernel with ``TORCH_LIBRARY(ncatool, ...)`` under a typed
+schema (``torch.ops.ncatool.perceive_rows`` ...) and checks every argument (dtype, layout, sizes,
+index ranges) with ``TORCH_CHECK`` before calling C, so a wrong call raises a ``RuntimeError``
+instead of corrupting memory; both files include ``_kernels.h``, so the C++ wrappers and the C
+functions cannot disagree on a signature. :func:`register_fakes` gives every operator a fake
+(shape-only) implementation, so ``torch.compile`` and ``torch.library.opcheck`` can trace them.
+Autograd is not registered per operator: the fast step's backward needs its step plan (the fired
+cells, the padded row count) and recomputes several operators inside one autograd node, so it keeps
+its own ``torch.autograd.Function`` s that call these operators.
+
+**Build.** ``_kernels.c`` is compiled with the system C compiler (``$CC`` or ``cc``, ``-O3
+-march=native -fopenmp``), ``_ops.cpp`` with the C++ compiler (``$CXX`` or ``c++``) against PyTorch's
+headers (``torch.utils.cpp_extension.include_paths()``, no ninja needed), linked into one library in
+``$NCATOOL_CACHE_DIR`` (default ``~/.cache/ncatool``), keyed by a hash of the sources, flags, PyTorch
+version and CPU, written under a temporary name and renamed (a failed build leaves nothing behind),
+and loaded with ``torch.ops.load_library``. The OpenMP runtime is the one PyTorch has loaded, so
+both share one thread pool. Where there is no compiler, the build fails, or a numeric self-check
+against PyTorch fails, :func:`library` returns None and the step runs on PyTorch ops (same results
+to float32 rounding). ``NCATOOL_KERNELS=0`` turns the kernels off for the process; a model can turn
+them off for itself (``FastOptions(kernels=False)`` in :mod:`ncatool.models.fast_step`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import platform
@@ -39,12 +51,22 @@ from typing import Any
 
 import torch
 
-_SOURCE = Path(__file__).with_name("_kernels.c")
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99")
-PADDING_CODES = {"zeros": 0, "reflect": 1, "replicate": 2, "circular": 3}
-MAX_TAPS = 1331  # MAX_TAPS in _kernels.c: kernels up to 11^3
+_HERE = Path(__file__).parent
+_SOURCES = (_HERE / "_kernels.h", _HERE / "_kernels.c", _HERE / "_ops.cpp")
+_C_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c99")
+# -std=c++20 silences warnings in PyTorch's headers; the wrappers need no optimisation beyond -O2
+_CXX_FLAGS = (
+    "-O2",
+    "-fPIC",
+    "-std=c++20",
+    f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+)
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+MAX_TAPS = 1331  # NCA_MAX_TAPS in _kernels.h: kernels up to 11^3
 
-_LIB: Any = None  # None: not tried yet; False: unavailable
+_UNSET = "not tried"
+_status: str | None = _UNSET  # None: loaded and checked; else why the kernels are off
+_fakes_registered = False
 
 
 def cache_dir() -> Path:
@@ -66,139 +88,193 @@ def _cpu_signature() -> str:
     return "\n".join(sorted(set(keep)))
 
 
-def _build(compiler: str) -> Path | None:
-    """Compile ``_kernels.c`` into the cache (once per source, flags and CPU); None if it fails."""
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
-    target = cache_dir() / f"nca_kernels-{key}.so"
+def _compilers() -> tuple[str, str]:
+    """The C and C++ compilers: ``$CC``/``$CXX``, else ``cc``/``c++``."""
+    return os.environ.get("CC", "cc"), os.environ.get("CXX", "c++")
+
+
+def library_path(cache: Path | None = None) -> Path:
+    """The library's path in the cache: one file per sources, flags, PyTorch version and CPU."""
+    digest = hashlib.sha256()
+    for source in _SOURCES:
+        digest.update(source.read_bytes())
+    digest.update(" ".join((*_C_FLAGS, *_CXX_FLAGS, torch.__version__)).encode())
+    digest.update(_cpu_signature().encode())
+    return (cache or cache_dir()) / f"ncatool_ops-{digest.hexdigest()[:16]}.so"
+
+
+def build(cc: str | None = None, cxx: str | None = None, cache: Path | None = None) -> Path | None:
+    """Compile and link the operators into the cache, once per key (see :func:`library_path`).
+
+    Args:
+        cc: C compiler (default ``$CC`` or ``cc``).
+        cxx: C++ compiler (default ``$CXX`` or ``c++``).
+        cache: Cache folder (default :func:`cache_dir`).
+
+    Returns:
+        The library's path, or None when a compiler is missing or the build fails (then nothing is
+        left in the cache).
+    """
+    target = library_path(cache)
     if target.is_file():
         return target
-    tmp = None
+    default_cc, default_cxx = _compilers()
+    cc, cxx = cc or default_cc, cxx or default_cxx
+    if not (shutil.which(cc) and shutil.which(cxx)):
+        return None
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    includes = [f"-I{p}" for p in include_paths()]
+    libs = [arg for p in library_paths() for arg in (f"-L{p}", f"-Wl,-rpath,{p}")]
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".nca_kernels-", suffix=".so", dir=target.parent)
-        os.close(fd)
-        done = subprocess.run(
-            [compiler, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120
-        )
-        if done.returncode != 0:
-            return None
-        os.replace(tmp, target)
-        tmp = None
+        with tempfile.TemporaryDirectory(prefix=".ncatool_ops-", dir=target.parent) as tmp:
+            c_obj, cpp_obj, lib = Path(tmp, "kernels.o"), Path(tmp, "ops.o"), Path(tmp, "ops.so")
+            steps = [
+                [cc, *_C_FLAGS, "-c", str(_HERE / "_kernels.c"), "-o", str(c_obj)],
+                [cxx, *_CXX_FLAGS, *includes, "-c", str(_HERE / "_ops.cpp"), "-o", str(cpp_obj)],
+                [
+                    cxx,
+                    "-shared",
+                    "-fopenmp",
+                    str(c_obj),
+                    str(cpp_obj),
+                    *libs,
+                    "-lc10",
+                    "-ltorch_cpu",
+                    "-o",
+                    str(lib),
+                ],
+            ]
+            for cmd in steps:
+                if subprocess.run(cmd, capture_output=True, text=True, timeout=300).returncode != 0:
+                    return None
+            os.replace(lib, target)  # atomic: another process never sees half a library
     except (OSError, subprocess.SubprocessError):
         return None
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
     return target
 
 
-def _declare(lib: Any) -> None:
-    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    head = [ptr, i64, i64, i64, i64, i64]  # x, B, D, H, W, C
-    radii = [i32, i32, i32, i32, i32, i32]  # nf, identity, rd, rh, rw, mode
-    rows = [ptr, i64, ptr, i64, i64, i32]  # idx, n, rows, ld, col, bf16
-    lib.perceive_rows.argtypes = [*head, ptr, ptr, *radii, *rows, i32]
-    lib.perceive_rows.restype = i32
-    lib.perceive_rows_bwd.argtypes = [*head, ptr, *radii, *rows, ptr, ptr, ptr, i32]
-    lib.perceive_rows_bwd.restype = i32
-    lib.relu_backward.argtypes = [ptr, ptr, i64, i32, i32]
-    lib.relu_backward.restype = None
-    lib.mask_indices.argtypes = [ptr, i64, ptr]
-    lib.mask_indices.restype = i64
-    lib.update_rows.argtypes = [ptr, i64, i64, ptr, i64, i32, ptr, i64, i64, ptr, i32]
-    lib.update_rows.restype = None
-    lib.alive_mask.argtypes = [*head, i64, ctypes.c_float, ptr, i32]
-    lib.alive_mask.restype = None
-    lib.apply_life.argtypes = [ptr, ptr, ptr, i64, i64, i32]
-    lib.apply_life.restype = None
-    lib.update_rows_bwd.argtypes = [ptr, ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, i32, i32]
-    lib.update_rows_bwd.restype = None
+def _ops_registered() -> bool:
+    try:
+        torch.ops.ncatool.perceive_rows  # noqa: B018 - the lookup is the test
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def probe() -> str | None:
+    """Decide afresh whether the kernels can run here: build, load, self-check (nothing cached).
+
+    Returns:
+        None when they run, else the reason they are off.
+    """
+    if os.environ.get("NCATOOL_KERNELS", "1") == "0":
+        return "disabled by NCATOOL_KERNELS=0"
+    path = build()
+    if path is None:
+        cc, cxx = _compilers()
+        return f"no working C/C++ compiler ({cc}, {cxx}) or the build failed"
+    if not _ops_registered():  # a second copy of the library would register the namespace twice
+        try:
+            torch.ops.load_library(str(path))
+        except (OSError, RuntimeError) as err:
+            return f"could not load {path} ({err})"
+    register_fakes()
+    # the caller may be inside autocast or no_grad: the check needs neither
+    with torch.autocast("cpu", enabled=False), torch.enable_grad():
+        ok = _self_check()
+    return None if ok else "the self-check against PyTorch failed"
 
 
 def library() -> Any | None:
-    """The compiled kernels (a ``ctypes.CDLL``), or None where they are unavailable or disabled."""
-    global _LIB
-    if _LIB is None:
-        _LIB = False
-        compiler = os.environ.get("CC", "cc")
-        if os.environ.get("NCATOOL_KERNELS", "1") != "0" and shutil.which(compiler):
-            path = _build(compiler)
-            if path is not None:
-                try:
-                    lib = ctypes.CDLL(str(path))
-                    _declare(lib)
-                    _LIB = lib
-                    # the caller may be inside autocast or no_grad: the check needs neither
-                    with torch.autocast("cpu", enabled=False), torch.enable_grad():
-                        ok = _self_check()
-                    if not ok:
-                        _LIB = False
-                except (OSError, AttributeError, RuntimeError):
-                    _LIB = False
-    return _LIB or None
+    """``torch.ops.ncatool`` when the kernels run here (decided once per process), else None."""
+    global _status
+    if _status == _UNSET:
+        _status = probe()
+    return torch.ops.ncatool if _status is None else None
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return t.data_ptr() if t is not None else None
+def status() -> str:
+    """``"on"``, or why the fused kernels are off (decides, as :func:`library` does)."""
+    library()
+    return "on" if _status is None else str(_status)
 
 
-def _geometry(x: torch.Tensor) -> tuple[int, int, int, int, int]:
-    """``(B, D, H, W, C)`` of a channels-last ``(B, C, *S)`` state (2D: D = 1)."""
-    b, c, *spatial = x.shape
-    d, h, w = ([1, *spatial] if len(spatial) == 2 else spatial)[-3:]
-    return b, d, h, w, c
+def register_fakes() -> None:
+    """Shape-only implementations of the operators (for ``torch.compile`` and ``opcheck``), once."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    _fakes_registered = True
 
+    @torch.library.register_fake("ncatool::perceive_rows")
+    def _perceive(x, taps, bias, padding, idx, dtype):  # type: ignore[no-untyped-def]
+        n = idx.shape[0] if idx is not None else x.numel() // x.shape[1]
+        return x.new_empty(n, x.shape[1] * (1 + sum(t.shape[0] for t in taps)), dtype=dtype)
 
-def _radii(weight: torch.Tensor) -> tuple[int, int, int]:
-    """``(rd, rh, rw)`` of a depthwise weight ``(C, 1, *k)`` (2D: rd = 0)."""
-    k = [1] * (5 - weight.dim()) + list(weight.shape[2:])
-    return k[0] // 2, k[1] // 2, k[2] // 2
+    @torch.library.register_fake("ncatool::perceive_rows_backward")
+    def _perceive_bwd(x, taps, padding, idx, grad, grad_x, need_taps, need_bias):  # type: ignore[no-untyped-def]
+        g_taps = [t.new_empty(t.shape if need else (0,)) for t, need in zip(taps, need_taps, strict=True)]
+        g_bias = [
+            t.new_empty((t.shape[0], t.shape[-1]) if need else (0,))
+            for t, need in zip(taps, need_bias, strict=True)
+        ]
+        return g_taps, g_bias
+
+    @torch.library.register_fake("ncatool::update_rows")
+    def _update(x, dx, idx, fired, fixed, alive_channel, alive_threshold):  # type: ignore[no-untyped-def]
+        cells = x.numel() // x.shape[1] if alive_channel is not None else 0
+        return torch.empty_like(x), x.new_empty(cells, dtype=torch.bool)
+
+    @torch.library.register_fake("ncatool::update_rows_backward")
+    def _update_bwd(grad, life, idx, fired, rows, fixed, dtype):  # type: ignore[no-untyped-def]
+        c = grad.shape[1]
+        return grad.new_empty(grad.numel() // c, c), grad.new_empty(rows, c - fixed, dtype=dtype)
+
+    @torch.library.register_fake("ncatool::relu_backward_")
+    def _relu(grad, h):  # type: ignore[no-untyped-def]
+        return grad
+
+    @torch.library.register_fake("ncatool::mask_indices")
+    def _mask(mask):  # type: ignore[no-untyped-def]
+        return mask.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.long)
 
 
 Filter = tuple[torch.Tensor, "torch.Tensor | None"]
 
 
 class _Group:
-    """Consecutive filters of one kernel size, packed as the kernels read them (may be empty).
+    """Consecutive filters of one kernel size, packed as the kernels read them.
 
     Attributes:
         first: Index of the group's first filter.
         members: The filters ``(weight (C, 1, *k), bias or None)``.
-        radii: ``(rd, rh, rw)`` (zeros for an empty group).
-        taps: float32 ``(nf, K, C)``, or None for an empty group.
+        taps: float32 ``(nf, *k, C)``.
         bias: float32 ``(nf, C)`` (zeros for filters without a bias), or None if none has one.
     """
 
     def __init__(self, first: int, members: list[Filter]) -> None:
         self.first, self.members = first, members
-        self.radii = _radii(members[0][0]) if members else (0, 0, 0)
-        self.taps: torch.Tensor | None = None
+        weight = members[0][0]
+        c, k = weight.shape[0], weight.shape[2:]
+        self.taps = torch.stack([w.detach().reshape(c, -1).t().reshape(*k, c).float() for w, _ in members])
         self.bias: torch.Tensor | None = None
-        if members:
-            c = members[0][0].shape[0]
-            self.taps = torch.stack([w.detach().reshape(c, -1).t().float() for w, _ in members]).contiguous()
-            if any(b is not None for _, b in members):
-                self.bias = torch.stack(
-                    [b.detach().float() if b is not None else torch.zeros(c) for _, b in members]
-                )
+        if any(b is not None for _, b in members):
+            self.bias = torch.stack(
+                [b.detach().float() if b is not None else torch.zeros(c) for _, b in members]
+            )
 
 
 def _groups(filters: Sequence[Filter]) -> list[_Group]:
-    """Runs of consecutive filters with the same kernel size: one kernel call each, the first of
-    which also handles the identity block (an empty group when there are no filters)."""
+    """Runs of consecutive filters with the same kernel size: one C call each."""
     runs: list[tuple[int, list[Filter]]] = []
     for i, f in enumerate(filters):
-        if runs and _radii(f[0]) == _radii(runs[-1][1][0][0]):
+        if runs and f[0].shape[2:] == runs[-1][1][0][0].shape[2:]:
             runs[-1][1].append(f)
         else:
             runs.append((i, [f]))
-    return [_Group(first, members) for first, members in runs] or [_Group(0, [])]
-
-
-def _check(err: int, name: str) -> None:
-    if err:
-        raise RuntimeError(f"{name} failed (code {err}: too many taps, or out of memory)")
+    return [_Group(first, members) for first, members in runs]
 
 
 def perceive_rows(
@@ -220,22 +296,10 @@ def perceive_rows(
     Returns:
         ``(n, C * (1 + len(filters)))`` in ``dtype``.
     """
-    lib = library()
-    assert lib is not None
-    b, d, h, w, c = _geometry(x)
-    n = idx.numel() if idx is not None else x.numel() // c
-    width = c * (1 + len(filters))
-    out = torch.empty(n, width, dtype=dtype)
-    tail = (PADDING_CODES[padding], _ptr(idx), n, out.data_ptr(), width)
-    bf16, threads = int(dtype == torch.bfloat16), torch.get_num_threads()
-    for i, g in enumerate(_groups(filters)):
-        col = 0 if i == 0 else c * (1 + g.first)
-        err = lib.perceive_rows(
-            x.data_ptr(), b, d, h, w, c, _ptr(g.taps), _ptr(g.bias), len(g.members), int(i == 0),
-            *g.radii, *tail, col, bf16, threads,
-        )  # fmt: skip
-        _check(err, "perceive_rows")
-    return out
+    groups = _groups(filters)
+    return torch.ops.ncatool.perceive_rows(
+        x, [g.taps for g in groups], [g.bias for g in groups], padding, idx, dtype
+    )
 
 
 def perceive_rows_backward(
@@ -261,33 +325,27 @@ def perceive_rows_backward(
     Returns:
         ``(d weight (C, 1, *k) or None, d bias (C,) or None)`` per filter.
     """
-    lib = library()
-    assert lib is not None
-    b, d, h, w, c = _geometry(x)
-    n = idx.numel() if idx is not None else x.numel() // c
-    grad = grad.contiguous()
-    bf16, threads = int(grad.dtype == torch.bfloat16), torch.get_num_threads()
-    tail = (PADDING_CODES[padding], _ptr(idx), n, grad.data_ptr(), grad.shape[1])
+    groups = _groups(filters)
+    spans = [range(g.first, g.first + len(g.members)) for g in groups]
+    need_taps = [any(needs[j][0] for j in span) for span in spans]
+    need_bias = [
+        g.bias is not None and any(needs[j][1] for j in span) for g, span in zip(groups, spans, strict=True)
+    ]
+    g_taps, g_bias = torch.ops.ncatool.perceive_rows_backward(
+        x, [g.taps for g in groups], padding, idx, grad.contiguous(), grad_x, need_taps, need_bias
+    )
     out: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)] * len(filters)
-    for i, g in enumerate(_groups(filters)):
-        members = range(g.first, g.first + len(g.members))
-        need_w = any(needs[j][0] for j in members)
-        need_b = g.bias is not None and any(needs[j][1] for j in members)
-        if grad_x is None and not need_w and not need_b:
-            continue
-        gw = torch.zeros_like(g.taps) if need_w and g.taps is not None else None
-        gb = torch.zeros(len(g.members), c) if need_b else None
-        col = 0 if i == 0 else c * (1 + g.first)
-        err = lib.perceive_rows_bwd(
-            x.data_ptr(), b, d, h, w, c, _ptr(g.taps), len(g.members), int(i == 0), *g.radii, *tail,
-            col, bf16, _ptr(grad_x), _ptr(gw), _ptr(gb), threads,
-        )  # fmt: skip
-        _check(err, "perceive_rows_bwd")
-        for k, j in enumerate(members):
+    for g, span, gw, gb in zip(groups, spans, g_taps, g_bias, strict=True):
+        c = g.taps.shape[-1]
+        for k, j in enumerate(span):
             weight, bias = filters[j]
-            g_w = gw[k].t().reshape(weight.shape).to(weight.dtype) if gw is not None and needs[j][0] else None
-            g_b = gb[k].to(bias.dtype) if gb is not None and bias is not None and needs[j][1] else None
-            out[j] = (g_w, g_b)
+            w_grad = (
+                gw[k].reshape(-1, c).t().reshape(weight.shape).to(weight.dtype)
+                if gw.numel() and needs[j][0]
+                else None
+            )
+            b_grad = gb[k].to(bias.dtype) if gb.numel() and bias is not None and needs[j][1] else None
+            out[j] = (w_grad, b_grad)
     return out
 
 
@@ -298,29 +356,73 @@ def relu_backward_(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         grad: Contiguous float32 or bfloat16 tensor.
         h: The ReLU's output, same shape and dtype, contiguous.
     """
-    lib = library()
-    assert lib is not None and grad.is_contiguous() and h.is_contiguous() and grad.dtype == h.dtype
-    lib.relu_backward(
-        grad.data_ptr(),
-        h.data_ptr(),
-        grad.numel(),
-        int(grad.dtype == torch.bfloat16),
-        torch.get_num_threads(),
-    )
-    return grad
+    return torch.ops.ncatool.relu_backward_(grad, h)
 
 
 def mask_indices(mask: torch.Tensor) -> torch.Tensor:
     """``mask.reshape(-1).nonzero().squeeze(1)`` for a contiguous bool tensor, in one pass."""
-    lib = library()
-    assert lib is not None and mask.dtype == torch.bool and mask.is_contiguous()
-    out = torch.empty(mask.numel(), dtype=torch.long)
-    count = lib.mask_indices(mask.data_ptr(), mask.numel(), out.data_ptr())
-    return out[:count]
+    return torch.ops.ncatool.mask_indices(mask)
+
+
+def update_rows(
+    x: torch.Tensor,
+    dx: torch.Tensor,
+    idx: torch.Tensor | None,
+    fired: int,
+    fixed: int,
+    alive: tuple[int, float] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x`` plus the update of the fired cells, then Growing-NCA alive masking, in three passes.
+
+    Args:
+        x: State ``(B, C, *S)``, float32, channels-last.
+        dx: Updates ``(rows, C - fixed)`` (float32 or bfloat16); rows past ``fired`` are ignored.
+        idx: The fired cells ``(fired,)``, sorted and unique (None: row r is cell r).
+        fired: Rows of ``dx`` to apply.
+        fixed: Leading channels the update leaves alone.
+        alive: ``(channel, threshold)`` for alive masking, or None.
+
+    Returns:
+        The new state (same shape and layout as ``x``) and the ``(cells,)`` bool mask of cells alive
+        before and after (None without alive masking).
+    """
+    channel, threshold = alive if alive is not None else (None, 0.0)
+    new, life = torch.ops.ncatool.update_rows(x, dx.contiguous(), idx, fired, fixed, channel, threshold)
+    return new, (life if alive is not None else None)
+
+
+def update_rows_backward(
+    grad: torch.Tensor,
+    life: torch.Tensor | None,
+    idx: torch.Tensor | None,
+    fired: int,
+    rows: int,
+    fixed: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adjoint of :func:`update_rows`.
+
+    Args:
+        grad: ``d new`` ``(B, C, *S)`` float32, channels-last.
+        life: The mask :func:`update_rows` returned, or None.
+        idx: As for :func:`update_rows`.
+        fired: As for :func:`update_rows`.
+        rows: Rows of ``d dx`` to return (the padded row count).
+        fixed: As for :func:`update_rows`.
+        dtype: dtype of ``d dx``.
+
+    Returns:
+        ``d x`` as ``(cells, C)`` float32 (the state's own path) and ``d dx`` ``(rows, C - fixed)``.
+    """
+    return torch.ops.ncatool.update_rows_backward(grad, life, idx, fired, rows, fixed, dtype)
 
 
 def _self_check() -> bool:
-    """The kernels against PyTorch's convolution on a small 3D case (reflect, learned bias, bf16)."""
+    """The kernels against PyTorch's convolution on a small 3D case (reflect, learned bias, bf16).
+
+    Its inputs come from a private generator: the check runs in whichever process first uses the
+    kernels, and must not move the global RNG that the fire masks draw from.
+    """
     import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(0)
@@ -347,100 +449,3 @@ def _self_check() -> bool:
         and gb is not None
         and torch.allclose(gb, bias.grad, atol=1e-4)  # type: ignore[arg-type]
     )
-
-
-def update_rows(
-    x: torch.Tensor,
-    dx: torch.Tensor,
-    idx: torch.Tensor | None,
-    fired: int,
-    fixed: int,
-    alive: tuple[int, float] | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``x`` plus the update of the fired cells, then Growing-NCA alive masking, in three passes.
-
-    Args:
-        x: State ``(B, C, *S)``, float32, channels-last.
-        dx: Updates ``(rows, C - fixed)`` (float32 or bfloat16); rows past ``fired`` are ignored.
-        idx: The fired cells ``(fired,)`` (None: row r is cell r).
-        fired: Rows of ``dx`` to apply.
-        fixed: Leading channels the update leaves alone.
-        alive: ``(channel, threshold)`` for alive masking, or None.
-
-    Returns:
-        The new state (same shape and layout as ``x``) and the ``(cells,)`` bool mask of cells alive
-        before and after (None without alive masking).
-    """
-    lib = library()
-    assert lib is not None
-    b, d, h, w, c = _geometry(x)
-    cells, threads = x.numel() // c, torch.get_num_threads()
-    dx = dx.contiguous()
-    new = torch.empty_like(x)
-    lib.update_rows(
-        x.data_ptr(),
-        cells,
-        c,
-        dx.data_ptr(),
-        dx.shape[1],
-        int(dx.dtype == torch.bfloat16),
-        _ptr(idx),
-        fired,
-        fixed,
-        new.data_ptr(),
-        threads,
-    )
-    if alive is None:
-        return new, None
-    pre, life = torch.empty(cells, dtype=torch.bool), torch.empty(cells, dtype=torch.bool)
-    channel, threshold = alive
-    lib.alive_mask(x.data_ptr(), b, d, h, w, c, channel, threshold, pre.data_ptr(), threads)
-    lib.alive_mask(new.data_ptr(), b, d, h, w, c, channel, threshold, life.data_ptr(), threads)
-    lib.apply_life(new.data_ptr(), pre.data_ptr(), life.data_ptr(), cells, c, threads)
-    return new, life
-
-
-def update_rows_backward(
-    grad: torch.Tensor,
-    life: torch.Tensor | None,
-    idx: torch.Tensor | None,
-    fired: int,
-    rows: int,
-    fixed: int,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The adjoint of :func:`update_rows`.
-
-    Args:
-        grad: ``d new`` ``(B, C, *S)`` float32, channels-last.
-        life: The mask :func:`update_rows` returned, or None.
-        idx: As for :func:`update_rows`.
-        fired: As for :func:`update_rows`.
-        rows: Rows of ``d dx`` to return (the padded row count).
-        fixed: As for :func:`update_rows`.
-        dtype: dtype of ``d dx``.
-
-    Returns:
-        ``d x`` as ``(cells, C)`` float32 (the state's own path) and ``d dx`` ``(rows, C - fixed)``.
-    """
-    lib = library()
-    assert lib is not None
-    c = grad.shape[1]
-    cells = grad.numel() // c
-    g_x = torch.empty(cells, c)
-    g_dx = torch.empty(rows, c - fixed, dtype=dtype)
-    lib.update_rows_bwd(
-        grad.data_ptr(),
-        _ptr(life),
-        cells,
-        c,
-        _ptr(idx),
-        fired,
-        rows,
-        fixed,
-        g_x.data_ptr(),
-        g_dx.data_ptr(),
-        int(dtype == torch.bfloat16),
-        torch.get_num_threads(),
-    )
-    return g_x, g_dx
