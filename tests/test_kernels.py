@@ -1,5 +1,5 @@
-"""The fused CPU operators equal PyTorch's ops and refuse wrong arguments; without a compiler the
-NCA falls back to PyTorch."""
+"""The fused CPU operators equal PyTorch's ops, refuse wrong arguments, give the same bits on any
+thread count; without a compiler the NCA falls back to PyTorch."""
 
 from __future__ import annotations
 
@@ -151,6 +151,32 @@ def test_probe_leaves_the_global_rng_alone() -> None:
     before = torch.get_rng_state()
     assert kernels.probe() is None
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_perceive_backward_has_the_same_bits_on_any_thread_count(threads: int) -> None:
+    # d weight was summed per thread, over whichever batch items a thread took under the dynamic
+    # schedule: a late second thread changed the rounding (resume after SIGKILL was 1e-7 off)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, 10, 10, 10, generator=gen).contiguous(memory_format=torch.channels_last_3d)
+    filters = [(torch.randn(16, 1, 3, 3, 3, generator=gen), torch.randn(16, generator=gen)) for _ in range(2)]
+    idx = (torch.rand(x.numel() // 16, generator=gen) < 0.5).nonzero().squeeze(1)
+    g = torch.randn(idx.numel(), 48, generator=gen)
+    before = torch.get_num_threads()
+
+    def run(n: int) -> list[torch.Tensor]:
+        torch.set_num_threads(n)
+        gx = torch.zeros(x.numel() // 16, 16)
+        got = kernels.perceive_rows_backward(x, filters, "reflect", idx, g, gx, [(True, True)] * 2)
+        return [gx, *(t for pair in got for t in pair if t is not None)]
+
+    try:
+        one, many = run(1), run(threads)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, many, strict=True):
+        assert torch.equal(a, b)
 
 
 def _op_args() -> dict[str, tuple]:

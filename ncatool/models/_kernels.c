@@ -12,7 +12,8 @@
    perceive_rows_bwd the adjoint: gx[neighbour] += w[f, tap] * g[r, f]; gw[f, tap] += g[r, f] *
                      x[neighbour]; gb[f] += g[r, f]. Rows must be sorted by cell (as nonzero() returns
                      them) and unique, so that each thread owns whole batch items and never shares a
-                     cell of gx.
+                     cell of gx. gw and gb are summed per batch item, then over the items in order:
+                     the result does not depend on which thread ran which item (exact resume).
 
    Padding follows torch.nn.functional.pad: 0 zeros, 1 reflect, 2 replicate, 3 circular.
 
@@ -280,11 +281,15 @@ int perceive_rows_bwd(const float *x, int64_t B, int64_t D, int64_t H, int64_t W
         free(g);
         return 1;
     }
-    const int64_t per_item = D * H * W, m = (identity + nf) * C, pw = ((int64_t)g->K + 1) * nf * C;
+    const int64_t per_item = D * H * W, m = (identity + nf) * C;
+    const int64_t pw = (gw || gb) ? ((int64_t)g->K + 1) * nf * C : 0;
     const size_t esz = bf16 ? 2 : 4;
-    /* rows of batch item b: [start[b], start[b + 1]); per-thread parameter gradients, summed after */
+    /* rows of batch item b: [start[b], start[b + 1]); parameter gradients per batch item, summed in
+       item order afterwards. Per-thread sums (as before) depended on which thread took which item
+       under the dynamic schedule: a late second thread changed the rounding of d weight (resume
+       after SIGKILL was 1e-7 off the uninterrupted run). */
     int64_t *start = malloc(sizeof(int64_t) * (size_t)(B + 1));
-    float *gw_all = calloc((size_t)(pw * nthreads + 1), sizeof(float));
+    float *gw_all = calloc((size_t)(pw * B + 1), sizeof(float));
     if (!start || !gw_all) {
         free(start);
         free(gw_all);
@@ -299,7 +304,6 @@ int perceive_rows_bwd(const float *x, int64_t B, int64_t D, int64_t H, int64_t W
     int err = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *my_gw = gw_all + pw * omp_get_thread_num(), *my_gb = my_gw + (int64_t)g->K * nf * C;
         int64_t *nb = malloc(sizeof(int64_t) * MAX_TAPS);
         float *gr = malloc(sizeof(float) * (size_t)m);
         if (!nb || !gr) {
@@ -309,6 +313,7 @@ int perceive_rows_bwd(const float *x, int64_t B, int64_t D, int64_t H, int64_t W
 #pragma omp for schedule(dynamic, 1)
         for (int64_t b = 0; b < B; b++) {
             if (!nb || !gr) continue;
+            float *my_gw = gw_all + pw * b, *my_gb = my_gw + (int64_t)g->K * nf * C;
             for (int64_t q = start[b]; q < start[b + 1]; q++) {
                 int64_t cell = idx ? idx[q] : q;
                 load_row(gr, (const char *)grad + (size_t)(q * ld + col) * esz, m, bf16);
@@ -318,8 +323,8 @@ int perceive_rows_bwd(const float *x, int64_t B, int64_t D, int64_t H, int64_t W
         free(nb);
         free(gr);
     }
-    for (int t = 0; t < nthreads; t++) {
-        const float *src = gw_all + pw * t;
+    for (int64_t b = 0; b < B && pw; b++) {
+        const float *src = gw_all + pw * b;
         if (gw)
             for (int64_t i = 0; i < (int64_t)g->K * nf * C; i++) gw[i] += src[i];
         if (gb)

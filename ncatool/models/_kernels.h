@@ -22,7 +22,7 @@ int perceive_rows(const float *x, int64_t B, int64_t D, int64_t H, int64_t W, in
                   const int64_t *idx, int64_t n, void *out, int64_t ld, int64_t col, int bf16, int nthreads);
 
 /* the adjoint: gx += d x (may be NULL), gw = d taps (nf, K, C), gb = d bias (nf, C) (each may be
-   NULL); idx sorted ascending and unique */
+   NULL); idx sorted ascending and unique; the sums do not depend on nthreads */
 int perceive_rows_bwd(const float *x, int64_t B, int64_t D, int64_t H, int64_t W, int64_t C, const float *w,
                       int nf, int identity, int rd, int rh, int rw, int mode, const int64_t *idx, int64_t n,
                       const void *grad, int64_t ld, int64_t col, int bf16, float *gx, float *gw, float *gb,

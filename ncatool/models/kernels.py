@@ -8,7 +8,8 @@ these passes took about a third of a bf16 training step. ``_kernels.c`` does eac
 
 - :func:`perceive_rows` / :func:`perceive_rows_backward`: ``rows[r] = [x | filter_1(x) | ...]`` at
   the fired cells only, written in the MLP's dtype (float32, or bfloat16 rounded to nearest even as
-  ``Tensor.to`` rounds), and the adjoint into ``d x`` and the learned filters' ``d weight``/``d bias``;
+  ``Tensor.to`` rounds), and the adjoint into ``d x`` and the learned filters' ``d weight``/``d bias``
+  (summed per batch item, then in item order: the same bits whatever the thread count or timing);
   any odd kernel size, 2D and 3D, all four padding modes;
 - :func:`update_rows` / :func:`update_rows_backward`: ``x`` plus the fired rows' update, Growing-NCA
   alive masking (3^dim dilation of ``alpha > threshold`` before and after), and the adjoint;
