@@ -4,8 +4,9 @@ The quick way to see what a change to the fast step buys, without the naive refe
 subprocess machinery of ``ncatool bench``::
 
     .venv/bin/python benchmarks/step_profile.py --variant bf16 --mode train
-    NCATOOL_KERNELS=0 .venv/bin/python benchmarks/step_profile.py --threads 1   # PyTorch ops only
-    .venv/bin/python benchmarks/step_profile.py --variant fp32 --profile        # op table
+    .venv/bin/python benchmarks/step_profile.py --threads 1 --kernels off     # PyTorch ops only
+    .venv/bin/python benchmarks/step_profile.py --backend reference            # the plain step
+    .venv/bin/python benchmarks/step_profile.py --variant fp32 --profile       # op table
 
 It builds the 2D Growing-NCA workload exactly as ``ncatool bench`` does
 (:func:`ncatool.bench.build_fast`), runs it twice to warm up, then ``--repeats`` times, and prints
@@ -28,6 +29,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backend", choices=("auto", "reference", "fast"), default="auto")
+    parser.add_argument(
+        "--kernels", choices=("on", "off"), default="on", help="the fast step's fused operators"
+    )
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's op table")
     args = parser.parse_args()
 
@@ -35,6 +40,8 @@ def main() -> None:
 
     tune_process(args.threads)  # before torch is imported: allocator settings
     from ncatool.bench import build_fast, fused_kernels_available
+    from ncatool.models.fast_step import FastOptions
+    from ncatool.models.nca import set_backend
 
     spec = {
         "dim": 2,
@@ -45,7 +52,9 @@ def main() -> None:
         "device": "cpu",
         "seed": 0,
     }
-    _, run = build_fast(spec, args.variant)
+    model, run = build_fast(spec, args.variant)
+    kernels = args.kernels == "on" and args.backend != "reference"
+    set_backend(model, args.backend, FastOptions(kernels=kernels))
     run()
     run()
     walls = []
@@ -57,7 +66,7 @@ def main() -> None:
     updates = args.batch * args.size * args.size * args.steps
     print(
         f"{args.variant} {args.mode} {args.size}^2 b{args.batch} s{args.steps}, {args.threads} threads, "
-        f"fused kernels {fused_kernels_available()}: median {wall:.3f} s, {updates / wall / 1e6:.2f} M cell-upd/s"
+        f"{args.backend}, fused kernels {kernels and fused_kernels_available()}: median {wall:.3f} s, {updates / wall / 1e6:.2f} M cell-upd/s"
     )
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
