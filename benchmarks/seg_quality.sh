@@ -15,11 +15,11 @@ rows = [json.loads(line) for line in open(f"{sys.argv[1]}/metrics.jsonl")]
 elapsed, first = 0.0, None
 for r in rows:
     elapsed += r["seconds"]
-    if first is None and r.get("val_dice", 0) >= 0.95:
+    if first is None and r.get("val_dice_train_res", 0) >= 0.95:
         first = (r["epoch"], elapsed)
-best = max(rows, key=lambda r: r.get("val_dice", -1))
+best = max(rows, key=lambda r: r.get("val_dice_train_res", -1))
 hit = f"epoch {first[0]} after {first[1]:.0f} s" if first else "never"
-print(f"{sys.argv[1]}: best val Dice {best['val_dice']:.4f} (epoch {best['epoch']}), "
+print(f"{sys.argv[1]}: best val Dice {best['val_dice_train_res']:.4f} (epoch {best['epoch']}), "
       f">= 0.95 first at {hit}; {len(rows)} epochs in {elapsed:.0f} s")
 PY
 }

@@ -1,7 +1,7 @@
-"""Speed and memory of ncatool's NCA core against the naive reference in ``benchmarks/``.
+"""Speed and memory of ncatool's NCA core against the naive reference (:mod:`ncatool.bench_reference`).
 
 What is compared
-    - *naive*: ``benchmarks/reference_nca.py``, plain PyTorch written the way the public ports write
+    - *naive*: :mod:`ncatool.bench_reference`, plain PyTorch written the way the public ports write
       Growing NCA (and a two-level M3D-NCA counterpart), run in **its own subprocess** with PyTorch's
       defaults: none of ncatool's process-wide settings (allocator, environment) reach it;
       ``GLIBC_TUNABLES``/``THP_MEM_ALLOC_ENABLE``/``MALLOC_*`` are removed from its environment.
@@ -173,23 +173,6 @@ def parse_variant(name: str) -> tuple[str, int]:
     return base, int(rest[4:]) if rest else 0
 
 
-def benchmarks_dir() -> Path:
-    """The ``benchmarks/`` folder of the source checkout (``NCATOOL_BENCHMARKS_DIR`` overrides).
-
-    Raises:
-        NcaError: Not found (ncatool installed without its source tree).
-    """
-    env = os.environ.get("NCATOOL_BENCHMARKS_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[1] / "benchmarks"
-    if not (path / "reference_nca.py").is_file():
-        raise NcaError(
-            "the naive reference is missing (benchmarks/reference_nca.py): run from a source checkout "
-            "or set NCATOOL_BENCHMARKS_DIR",
-            path,
-        )
-    return path
-
-
 # --------------------------------------------------------------------------------------------------
 # the ncatool side
 
@@ -262,22 +245,14 @@ def reference_state_dict(model: Any) -> dict[str, Any]:
 
 
 def _import_reference() -> Any:
-    """Import ``benchmarks/reference_nca.py`` as module ``benchmarks_reference``."""
-    import importlib.util
+    """The naive reference module (:mod:`ncatool.bench_reference`, part of the package)."""
+    from ncatool import bench_reference
 
-    if "benchmarks_reference" in sys.modules:
-        return sys.modules["benchmarks_reference"]
-    path = benchmarks_dir() / "reference_nca.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_reference", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmarks_reference"] = module
-    spec.loader.exec_module(module)
-    return module
+    return bench_reference
 
 
 def build_fast(spec: dict[str, Any], variant: str) -> tuple[Any, Callable[[], Any]]:
-    """ncatool's model for ``spec`` and a ``run()`` closure, as ``reference_nca.build_workload``."""
+    """ncatool's model for ``spec`` and a ``run()`` closure, as ``bench_reference.build_workload``."""
     import torch
 
     amp, every = parse_variant(variant)
@@ -403,10 +378,10 @@ class _Worker:
             for key in list(env):
                 if key in _STRIP_ENV or key.startswith("MALLOC_"):
                     env.pop(key)
-            args = [sys.executable, str(benchmarks_dir() / "reference_nca.py"), "--worker"]
+            # the reference imports nothing from ncatool: the worker runs on PyTorch's defaults
+            args = [sys.executable, "-m", "ncatool.bench_reference", "--worker"]
         else:
             args = [sys.executable, "-m", "ncatool.bench", "--worker"]
-            env["NCATOOL_BENCHMARKS_DIR"] = str(benchmarks_dir())
         # stderr to a file, not a pipe: a chatty worker must not block on a full pipe
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in close())
         self.proc = subprocess.Popen(

@@ -39,7 +39,7 @@ def handle_user_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except NcaError as exc:
-            _report(exc, str(exc))
+            _report(exc, str(exc), getattr(exc, "exit_code", USER_ERROR_EXIT_CODE))
         except OSError as exc:  # permission denied, disk full, ...: the environment, not a bug
             where = f"{exc.filename}: " if exc.filename else ""
             _report(exc, f"{where}{exc.strerror or exc}")
@@ -50,11 +50,11 @@ def handle_user_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _report(exc: BaseException, message: str) -> None:
+def _report(exc: BaseException, message: str, code: int = USER_ERROR_EXIT_CODE) -> None:
     if state.debug:
         err.print_exception(show_locals=False)
     err.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(USER_ERROR_EXIT_CODE) from None
+    raise typer.Exit(code) from None
 
 
 def _version_callback(value: bool) -> None:
@@ -96,6 +96,9 @@ def _register() -> None:
     from ncatool.commands import animate
 
     app.command("animate")(handle_user_errors(animate.animate))
+    from ncatool.commands import config
+
+    app.command("config")(handle_user_errors(config.config))
 
 
 _register()

@@ -50,7 +50,11 @@ def warn(message: str) -> None:
 
 
 def emit_json(payload: Any) -> None:
-    """Write one JSON document to stdout for shell pipelines."""
+    """Write one JSON document to stdout for shell pipelines (rank 0 only under torchrun)."""
+    from ncatool.distributed import world
+
+    if not world().is_main:
+        return
     sys.stdout.write(json.dumps(payload, indent=2, default=_json_default) + "\n")
     sys.stdout.flush()
 

@@ -4,11 +4,14 @@ Two entry points:
 
 * :func:`evaluate_folders` — predictions from anywhere (``ncatool predict``, nnU-Net, ...) against a
   folder of reference masks (or an nnU-Net dataset folder: its ``labelsTr``/``labelsTs``). Files are
-  matched by case name (the file name without its extension); every prediction needs a reference of
-  the same shape. ``CASE_std`` uncertainty maps next to ``CASE`` are skipped; reference cases without
-  a prediction are reported, not evaluated.
-* :func:`evaluate_checkpoint` — predict the cases of a dataset split with a checkpoint (``val`` = the
-  held-out cases stored in the checkpoint), then evaluate them.
+  matched by case name (the file name without its extension, and without the ISIC challenge's
+  ``_segmentation`` suffix, so ``CASE_segmentation.png`` pairs with ``CASE.nii.gz`` or another
+  ``CASE_segmentation.png``); every prediction needs a reference of the same shape. ``CASE_std``
+  uncertainty maps next to ``CASE`` are skipped; reference cases without a prediction are reported,
+  not evaluated.
+* :func:`evaluate_checkpoint` — the checkpoint's task scores its model (segmentation: predict the
+  cases of a dataset split, ``val`` = the held-out cases stored in the checkpoint, then evaluate them
+  here; generation: the task's own validation).
 
 Outputs (see :mod:`ncatool.metrics` for the metrics):
 
@@ -28,8 +31,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ncatool.console import info, warn
+from ncatool.console import warn
 from ncatool.data.io import (
     PLANAR_EXTENSIONS,
     Image,
@@ -46,6 +47,7 @@ from ncatool.data.io import (
     split_extension,
     write_text_atomic,
 )
+from ncatool.data.nnunet.pairs import ISIC_LABEL_SUFFIX
 from ncatool.errors import NcaError
 from ncatool.metrics import COUNT_KEYS, MetricAggregator, empty_label_metrics, label_metrics
 
@@ -71,6 +73,12 @@ class EvalPair:
 # --------------------------------------------------------------------------------------------------
 
 
+def case_of_mask(stem: str) -> str:
+    """The case a mask file stem names: ``ISIC_0000000_segmentation`` (the ISIC challenge's mask
+    name) → ``ISIC_0000000``; any other stem is its case."""
+    return stem[: -len(ISIC_LABEL_SUFFIX)] if stem.endswith(ISIC_LABEL_SUFFIX) else stem
+
+
 def _masks_by_case(folder: Path, what: str) -> dict[str, Path]:
     if not folder.exists():
         raise NcaError(f"{what} folder does not exist", folder)
@@ -80,7 +88,7 @@ def _masks_by_case(folder: Path, what: str) -> dict[str, Path]:
     for path in sorted(folder.iterdir()):
         if not path.is_file() or not is_image_file(path):
             continue
-        case, _ = split_extension(path)
+        case = case_of_mask(split_extension(path)[0])
         if case in out:
             raise NcaError(f"two {what} files for case {case!r}: {out[case].name} and {path.name}", path)
         out[case] = path
@@ -122,7 +130,11 @@ def match_folders(pred: str | Path, gt: str | Path) -> tuple[list[EvalPair], lis
     pred, gt = Path(pred), Path(gt)
     preds = _masks_by_case(pred, "prediction")
     # uncertainty maps written by `ncatool predict --ensemble` sit next to their masks
-    preds = {c: p for c, p in preds.items() if not (c.endswith("_std") and c[: -len("_std")] in preds)}
+    preds = {
+        c: p
+        for c, p in preds.items()
+        if not (c.endswith("_std") and case_of_mask(c[: -len("_std")]) in preds)
+    }
     if not preds:
         raise NcaError("no prediction files (.nii.gz, .nrrd, .mha, .png, ...) in folder", pred)
     refs, names = _reference_files(gt)
@@ -221,6 +233,23 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, np.generic):
         return _json_value(value.item())
     return value
+
+
+def parse_context_sizes(text: str | None) -> tuple[int, ...] | None:
+    """Parse ``--context-size 1,2,4,8`` into positive integers (None when not given).
+
+    Raises:
+        NcaError: Not a comma list of positive integers.
+    """
+    if text is None or not text.strip():
+        return None
+    try:
+        values = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError as err:
+        raise NcaError(f"--context-size must be positive integers such as 1,2,4,8; got {text!r}") from err
+    if not values or any(v < 1 for v in values):
+        raise NcaError(f"--context-size must be positive integers such as 1,2,4,8; got {text!r}")
+    return values
 
 
 def parse_labels(text: str | None) -> list[int] | None:
@@ -436,41 +465,6 @@ def evaluate_folders(
     return summary
 
 
-def _split_records(checkpoint: dict[str, Any], dataset: Any, split: str, path: Path) -> list[Any]:
-    if split not in EVAL_SPLITS:
-        raise NcaError(f"--split must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
-    if split == "test":
-        records = dataset.cases("test")
-        unlabelled = [r for r in records if r.label_path is None]
-        if unlabelled:
-            raise NcaError(
-                f"test case {unlabelled[0].name!r} has no label in labelsTs; cannot evaluate",
-                dataset.root / "labelsTs",
-            )
-        return records
-    records = dataset.cases("train")
-    if split == "all":
-        return records
-    stored = (checkpoint.get("task_state") or {}).get("split") or {}
-    names = stored.get(split)
-    if names is None:
-        raise NcaError(f"checkpoint stores no {split!r} split; use --split all or test", path)
-    if not names:
-        raise NcaError(
-            f"checkpoint's {split!r} split is empty (trained with val_fraction=0?); use --split train or all",
-            path,
-        )
-    by_name = {r.name: r for r in records}
-    missing = [n for n in names if n not in by_name]
-    if missing:
-        raise NcaError(
-            f"{split} case {missing[0]!r} of the checkpoint is not in this dataset's imagesTr "
-            f"({len(missing)} missing); is --data the dataset the model was trained on?",
-            dataset.root,
-        )
-    return [by_name[n] for n in names]
-
-
 def evaluate_checkpoint(
     checkpoint: str | Path,
     data: str | Path | None,
@@ -482,121 +476,97 @@ def evaluate_checkpoint(
     device: str = "auto",
     amp: str = "none",
     seed: int = 0,
+    context_size: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """``ncatool eval --checkpoint CKPT --data DATASET``: predict a split, then evaluate it.
+    """``ncatool eval --checkpoint CKPT [--data DATASET]``: the checkpoint's task scores its model.
 
-    Predictions go to ``output/predictions`` (kept) or a temporary folder (removed). A generation
-    checkpoint (``grow``, ``digits``) goes to :func:`evaluate_generation` instead.
+    Segmentation runners predict a split and score it with :func:`evaluate_pairs` (the same numbers
+    as ``--pred/--gt``); generation runners run their task's own validation.
 
     Returns:
-        The summary, plus ``checkpoint``, ``data``, ``split`` and ``predictions``.
+        The runner's summary (see :meth:`ncatool.runtime.Runner.evaluate`).
     """
-    from ncatool.data.loading import NnUNetDataset
-    from ncatool.predict import GEN_TASKS, mask_path, predict_records, predictor_from_payload
-    from ncatool.train import load_checkpoint_file
+    from ncatool.runtime import EvalRequest, load
 
-    ckpt = Path(checkpoint)
-    payload = load_checkpoint_file(ckpt, "cpu")
-    if payload.get("task") in GEN_TASKS:
-        return evaluate_generation(payload, ckpt, data, output, device, amp)
-    predictor = predictor_from_payload(payload, ckpt, device, amp)
-    if data is None:
-        raise NcaError(f"--data DATASET_DIR is required to evaluate a {predictor.task} checkpoint")
-    dataset = NnUNetDataset(data)
-    if dataset.num_channels != predictor.in_channels:
-        raise NcaError(
-            f"dataset has {dataset.num_channels} channel(s) but the checkpoint's model expects "
-            f"{predictor.in_channels}",
-            dataset.json_path,
-        )
-    if dataset.num_foreground != predictor.n_out:
-        raise NcaError(
-            f"dataset has {dataset.num_foreground} foreground label(s) but the checkpoint's model "
-            f"predicts {predictor.n_out}",
-            dataset.json_path,
-        )
-    if labels is not None and max(labels) > predictor.n_out:
-        raise NcaError(f"--labels {max(labels)} is not a label of this model (1..{predictor.n_out})")
-    records = _split_records(payload, dataset, split, ckpt)
-    del payload
-    names = {v: k for k, v in dataset.foreground_labels.items()}
-    keep = output is not None
-    pred_dir = Path(output) / "predictions" if keep else Path(tempfile.mkdtemp(prefix="ncatool-eval-"))
-    try:
-        info(f"predicting {len(records)} {split} case(s) into {pred_dir if keep else 'a temporary folder'}")
-        rows = predict_records(predictor, records, pred_dir, ensemble, native, seed)
-        extra = {r["case"]: {"quality": r["quality"]} for r in rows if r["quality"] is not None}
-        pairs = [EvalPair(r.name, mask_path(pred_dir, r.name), r.label_path) for r in records]
-        summary = evaluate_pairs(pairs, labels or list(range(1, predictor.n_out + 1)), names, extra)
-    finally:
-        if not keep:
-            shutil.rmtree(pred_dir, ignore_errors=True)
-    summary.update(
-        checkpoint=str(ckpt),
-        data=str(data),
+    request = EvalRequest(
+        data=Path(data) if data is not None else None,
         split=split,
+        labels=labels,
+        output=Path(output) if output is not None else None,
         ensemble=ensemble,
         native=native,
-        predictions=str(pred_dir) if keep else None,
+        seed=seed,
+        context_size=tuple(context_size) if context_size else None,
     )
-    if output is not None:
-        write_outputs(summary, output)
-    return summary
+    return load(checkpoint, device, amp).evaluate(request)
 
 
-def evaluate_generation(
-    payload: dict[str, Any],
-    checkpoint: Path,
+def evaluate(
+    pred: str | Path | None = None,
+    gt: str | Path | None = None,
+    *,
+    checkpoint: str | Path | None = None,
     data: str | Path | None = None,
+    split: str = "val",
+    labels: Sequence[int] | None = None,
     output: str | Path | None = None,
+    ensemble: int = 1,
+    native: bool = False,
     device: str = "auto",
     amp: str = "none",
+    seed: int = 0,
+    context_size: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a ``grow`` or ``digits`` checkpoint with its task's own validation.
+    """``ncatool eval``: score predictions against references, or a checkpoint on a dataset split.
 
-    The task is rebuilt from the run's stored config (``data`` replaces the run's data path, e.g.
-    when the files moved) and scores the checkpoint's model as training validation did, with the
-    run's seed: ``grow`` reports PSNR (dB) after the validation steps, after twice as many
-    (``psnr_long``) and after damage (``psnr_regrow``, damage runs); ``digits`` reports pixel
-    accuracy, MSE to the class means and the recognition rate of a classifier trained on the real
-    digits (overall and per digit).
+    Two forms: ``evaluate(pred=DIR, gt=DIR)`` (:func:`evaluate_folders`; ``gt`` may be an nnU-Net
+    dataset folder), or ``evaluate(checkpoint=CKPT, data=DATASET, split="val")``
+    (:func:`evaluate_checkpoint`; ``data`` defaults to the run's own).
+
+    Args:
+        pred: Folder of predicted masks (``CASE.nii.gz``, ``CASE.png``, ISIC's ``CASE_segmentation.png``).
+        gt: Folder of reference masks, or an nnU-Net dataset folder.
+        checkpoint: A run's checkpoint to predict with, then score.
+        data: With ``checkpoint``: the dataset (grow/digits: replaces the run's data path).
+        split: With ``checkpoint``: ``val``, ``train``, ``test`` or ``all``.
+        labels: Labels to score (default: all).
+        output: Write ``summary.json`` and ``metrics.csv`` here (with ``checkpoint`` also the predictions).
+        ensemble, native, device, amp, seed: With ``checkpoint``: as for :func:`ncatool.predict.predict`.
+        context_size: With an in-context ``checkpoint``: the context sizes to score.
 
     Returns:
-        ``{"task", "checkpoint", "metrics": {...}}``; written as ``summary.json`` and ``metrics.csv``
-        (``metric,value`` rows) into ``output`` when given.
+        The summary: nnU-Net's layout (``metric_per_case``, ``mean``, ``foreground_mean``) for
+        segmentation, ``{"metrics": ...}`` for grow/digits checkpoints.
+
+    Raises:
+        NcaError: Both forms or neither, half of one form, or any problem of the inputs.
     """
+    folder_form = pred is not None or gt is not None
+    ckpt_form = checkpoint is not None or data is not None
+    if folder_form and ckpt_form:
+        raise NcaError("use either --pred/--gt or --checkpoint/--data, not both")
+    if folder_form and (pred is None or gt is None):
+        raise NcaError("--pred and --gt go together: both folders are needed")
+    if ckpt_form and checkpoint is None:
+        raise NcaError("--data needs --checkpoint: the model to predict the dataset with")
+    if pred is not None and gt is not None:
+        return evaluate_folders(pred, gt, labels, output)
+    if checkpoint is not None:
+        return evaluate_checkpoint(
+            checkpoint, data, split, labels, output, ensemble, native, device, amp, seed, context_size
+        )
+    raise NcaError("nothing to evaluate: give --pred DIR --gt DIR, or --checkpoint CKPT --data DATASET")
+
+
+def write_scores(summary: dict[str, Any], output: str | Path) -> None:
+    """``summary.json`` and ``metrics.csv`` (``metric,value`` rows) of a ``{"metrics": {...}}`` summary."""
     import json
 
-    import torch
-
-    from ncatool.config import build_config
-    from ncatool.tasks import config_class, make_task
-    from ncatool.train import autocast_context, select_device
-
-    task_name = str(payload.get("task"))
-    values = dict(payload.get("config") or {})
-    if data is not None:
-        values["data"] = str(data)
-    dev = select_device(device)
-    values["device"] = str(dev)
-    cfg = build_config(config_class(task_name), values, str(checkpoint))
-    task = make_task(cfg, dev)
-    model = task.build_model()
-    try:
-        model.load_state_dict(payload["model"])
-    except (RuntimeError, KeyError) as err:
-        raise NcaError(f"checkpoint weights do not fit its {task_name} model ({err})", checkpoint) from err
-    model.to(dev).eval()
-    with torch.no_grad(), autocast_context(dev, amp):
-        metrics = {k: float(v) for k, v in task.validate(model).items()}
-    summary = {"task": task_name, "checkpoint": str(checkpoint), "data": cfg.data or None, "metrics": metrics}
-    if output is not None:
-        out = Path(output)
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(json.dumps(summary_to_json(summary), indent=2) + "\n", out / "summary.json")
-        rows = "".join(f"{k},{_csv_value(v, k)}\n" for k, v in metrics.items())
-        write_text_atomic("metric,value\n" + rows, out / "metrics.csv")
-    return summary
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(json.dumps(summary_to_json(summary), indent=2) + "\n", out / "summary.json")
+    rows = "".join(f"{k},{_csv_value(v, k)}\n" for k, v in summary["metrics"].items())
+    write_text_atomic("metric,value\n" + rows, out / "metrics.csv")
 
 
 def print_generation_summary(summary: dict[str, Any]) -> None:
@@ -619,9 +589,9 @@ def print_generation_summary(summary: dict[str, Any]) -> None:
 __all__ = [
     "EVAL_SPLITS",
     "EvalPair",
+    "evaluate",
     "evaluate_checkpoint",
     "evaluate_folders",
-    "evaluate_generation",
     "evaluate_pair",
     "evaluate_pairs",
     "match_folders",
@@ -631,4 +601,5 @@ __all__ = [
     "print_summary",
     "summary_to_json",
     "write_outputs",
+    "write_scores",
 ]

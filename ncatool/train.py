@@ -19,11 +19,15 @@ exactly as an uninterrupted run, whatever happened in the killed process.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import random
+import signal
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,9 +39,12 @@ import torch
 from torch import nn
 
 from ncatool.config import TrainConfig, config_to_dict
-from ncatool.console import info, state, warn
+from ncatool.console import ProgressBars, info, warn
 from ncatool.data.io import atomic_path, write_text_atomic
+from ncatool.distributed import world
 from ncatool.errors import NcaError
+from ncatool.loggers import make_logger
+from ncatool.runtime import autocast, checkpoint_payload, read_checkpoint, write_checkpoint
 
 
 class Task(Protocol):
@@ -71,32 +78,11 @@ class Task(Protocol):
         """Shrink a task-side memory knob (e.g. patch size) once; describe it, or None if impossible."""
         ...
 
+    # Optional: ``final_scores(best_checkpoint_path) -> dict`` adds scores of best.pt to the run's
+    # summary (e.g. computed exactly as ``ncatool eval`` computes them).
     # Optional: ``extra_state() -> dict`` is stored in every checkpoint as ``task_state``, and
     # ``load_extra_state(dict)`` gets it back on resume. Its ``"resume"`` entry (e.g. a sample pool
     # that must survive a resume) is written to ``last.pt`` only, keeping ``best.pt`` small.
-
-
-def select_device(name: str) -> torch.device:
-    """Resolve ``auto`` to cuda, mps or cpu; check an explicit device exists.
-
-    Raises:
-        NcaError: The requested device is not available.
-    """
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as err:
-        raise NcaError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise NcaError(f"device {name!r} requested but CUDA is not available on this machine")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise NcaError(f"device {name!r} requested but MPS is not available on this machine")
-    return dev
 
 
 def seed_everything(seed: int) -> None:
@@ -127,16 +113,6 @@ def all_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
-def autocast_context(device: torch.device, amp: str) -> Any:
-    """``torch.autocast`` for ``amp`` in (bf16, fp16), or a no-op context for ``none``."""
-    if amp == "none":
-        return torch.autocast(device_type=device.type, enabled=False)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    if dtype is None:
-        raise NcaError(f"amp must be none, bf16 or fp16, got {amp!r}")
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 @dataclass
 class RunState:
     """Counters saved in every checkpoint (what exact resume needs besides the weights)."""
@@ -165,8 +141,17 @@ class Trainer:
         self.cfg = task.config
         self.run_dir = Path(run_dir)
         self.device = device
+        self.world = world()
         seed_everything(self.cfg.seed)  # the initial weights depend on the seed alone
         self.model = task.build_model().to(device)
+        # what the task's loss runs: under torchrun the model wrapped in DDP (gradients averaged over
+        # ranks during backward); checkpoints, validation and samples use the plain model
+        self.net: nn.Module = self.model
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = self._make_optimizer()
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="max", factor=self.cfg.plateau_factor, patience=self.cfg.plateau_patience
@@ -174,6 +159,8 @@ class Trainer:
         self.state = RunState(batch_size=self.cfg.batch_size)
         self._initial = self._snapshot()
         self._nan_streak = 0
+        self._stop = StopSignals()  # replaced by the active one in fit()
+        self.logger = make_logger(self.cfg.logger if self.world.is_main else "none", self.run_dir)
 
     # ----------------------------------------------------------------- setup
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -199,16 +186,14 @@ class Trainer:
     # ----------------------------------------------------------- checkpoints
     def checkpoint_payload(self) -> dict[str, Any]:
         """Everything needed to resume or to rebuild the model."""
-        return {
-            "format": "ncatool-checkpoint-1",
-            "task": self.cfg.task,
-            "config": config_to_dict(self.cfg),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "run_state": self.state.__dict__,
-            "task_state": self.task.extra_state() if hasattr(self.task, "extra_state") else {},
-        }
+        return checkpoint_payload(
+            self.cfg,
+            self.model,
+            self.task.extra_state() if hasattr(self.task, "extra_state") else {},
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            run_state=self.state.__dict__,
+        )
 
     def _payload_for(self, name: str) -> dict[str, Any]:
         """The payload of checkpoint ``name``; the task's ``resume`` state only goes into ``last``."""
@@ -226,21 +211,37 @@ class Trainer:
         if not all_finite(self.model):
             warn(f"model has non-finite weights; {name}.pt not written")
             return None
-        path = self.ckpt_dir / f"{name}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            torch.save(self._payload_for(name), tmp)
-        return path
+        if not self.world.is_main:
+            return None
+        return write_checkpoint(self._payload_for(name), self.ckpt_dir / f"{name}.pt")
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore model, optimizer, scheduler and counters from ``path``."""
-        payload = load_checkpoint_file(path, self.device)
+        payload = read_checkpoint(path, self.device)
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.state = RunState(**payload["run_state"])
         if hasattr(self.task, "load_extra_state"):
             self.task.load_extra_state(payload.get("task_state", {}))
+
+    def init_weights(self, path: Path) -> None:
+        """Start from the weights of checkpoint ``path`` (of the same task and model shape) with this
+        run's fresh optimizer, scheduler and counters (``ncatool train --init``); a NaN rollback
+        before the first checkpoint returns to these weights.
+
+        Raises:
+            NcaError: Unreadable checkpoint, another task, or weights that do not fit the model.
+        """
+        payload = read_checkpoint(path, self.device)
+        if payload.get("task") != self.cfg.task:
+            raise NcaError(f"--init checkpoint is a {payload.get('task')} run, not {self.cfg.task}", path)
+        try:
+            self.model.load_state_dict(payload.get("model") or {})
+        except (RuntimeError, KeyError) as err:
+            raise NcaError(f"--init weights do not fit this run's model ({err})", path) from err
+        self._initial = self._snapshot()
+        info(f"weights initialised from {path}")
 
     def resume(self) -> None:
         """Continue the run in ``run_dir`` from ``checkpoints/last.pt``.
@@ -249,16 +250,42 @@ class Trainer:
         killed process logged but did not checkpoint.
         """
         self.load_checkpoint(self.ckpt_dir / "last.pt")
-        lines = "".join(json.dumps(r) + "\n" for r in self.state.history)
-        write_text_atomic(lines, self.run_dir / "metrics.jsonl")
+        if self.world.is_main:
+            lines = "".join(json.dumps(r) + "\n" for r in self.state.history)
+            write_text_atomic(lines, self.run_dir / "metrics.jsonl")
 
     # ------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
-        """Train until ``epochs`` (or early stopping); return the final summary."""
+        """Train until ``epochs`` (or early stopping); return the final summary.
+
+        SIGTERM / SIGINT (cluster preemption, Ctrl-C) stop the run at the next batch: the epoch in
+        progress is abandoned (it would be replayed identically on resume, since every epoch is
+        seeded), ``last.pt`` stays the last completed epoch, and :class:`Stopped` says how to resume.
+        A second signal stops at once.
+
+        Raises:
+            Stopped: A stop signal arrived.
+        """
+        with StopSignals() as stop:
+            self._stop = stop
+            try:
+                return self._fit()
+            except Stopped as stopped:
+                raise Stopped(
+                    stopped.signum,
+                    f"stopped by {signal.Signals(stopped.signum).name} during epoch {self.state.epoch + 1}; "
+                    f"checkpoints/last.pt holds epoch {self.state.epoch}. Resume with: "
+                    f"ncatool train --resume {self.run_dir}",
+                ) from None
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(json.dumps(config_to_dict(cfg), indent=2) + "\n", self.run_dir / "config.json")
-        progress = _Progress(enabled=not state.quiet)
+        main = self.world.is_main
+        self.world.shard_size(self.state.batch_size)  # refuse a global batch the ranks cannot share
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(json.dumps(config_to_dict(cfg), indent=2) + "\n", self.run_dir / "config.json")
+        progress = ProgressBars(enabled=main)
         started = time.perf_counter()
         with progress:
             epoch_bar = progress.add("epochs", total=cfg.epochs, completed=self.state.epoch)
@@ -277,9 +304,12 @@ class Trainer:
                 self.state.epoch = epoch + 1
                 self.state.history.append(record)
                 self.save_checkpoint("last")
-                self._append_metrics(record)
+                if main:
+                    self._append_metrics(record)
+                    self.logger.log_metrics(record)
                 progress.advance(epoch_bar, record)
-                if cfg.time_limit and time.perf_counter() - started >= 60.0 * cfg.time_limit:
+                out_of_time = cfg.time_limit and time.perf_counter() - started >= 60.0 * cfg.time_limit
+                if self.world.broadcast(bool(out_of_time)):  # rank 0's clock decides for all
                     info(f"time limit of {cfg.time_limit:g} min reached after {epoch + 1} epochs")
                     break
                 if cfg.early_stop and self.state.bad_validations >= cfg.early_stop:
@@ -287,8 +317,14 @@ class Trainer:
                         f"early stopping after {epoch + 1} epochs (no improvement in {cfg.early_stop} validations)"
                     )
                     break
-        self._plot_curves()
-        return self.summary()
+        if main:
+            self._plot_curves()
+        summary = self.summary()
+        self.world.barrier()  # best.pt is written (by rank 0) before anyone reads it
+        best = self.ckpt_dir / "best.pt"
+        if hasattr(self.task, "final_scores") and best.is_file():
+            summary.update(self.task.final_scores(best))
+        return summary
 
     def summary(self) -> dict[str, Any]:
         """Final numbers of the run."""
@@ -306,7 +342,7 @@ class Trainer:
             "params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
         }
 
-    def _train_epoch(self, epoch: int, progress: _Progress) -> dict[str, float]:
+    def _train_epoch(self, epoch: int, progress: ProgressBars) -> dict[str, float]:
         """One epoch; restarts with a smaller batch after an out-of-memory error."""
         while True:
             seed_everything(epoch_seed(self.cfg.seed, epoch))
@@ -315,6 +351,11 @@ class Trainer:
             except Exception as err:
                 if not is_oom(err):
                     raise
+                if self.world.distributed:  # the other ranks wait inside a collective: no way back
+                    raise NcaError(
+                        f"out of memory on rank {self.world.rank}; a distributed run does not shrink its "
+                        "batch: resume with a smaller batch_size, target_size/patch or grad_checkpoint"
+                    ) from err
                 self._shrink_after_oom(err)
 
     def _shrink_after_oom(self, err: BaseException) -> None:
@@ -335,12 +376,14 @@ class Trainer:
             ) from err
         warn(f"out of memory at batch size 1; {what}, retrying")
 
-    def _run_batches(self, epoch: int, progress: _Progress) -> dict[str, float]:
+    def _run_batches(self, epoch: int, progress: ProgressBars) -> dict[str, float]:
         self.model.train()
         sums: dict[str, float] = {}
         n = 0
         bar = progress.add(f"epoch {epoch + 1}", total=None)
         for batch in self.task.batches(epoch, self.state.batch_size):
+            if self.world.any(self._stop.signum is not None):  # every rank stops at the same batch
+                raise Stopped(self._stop.signum or signal.SIGTERM)
             logs = self._step(batch)
             if logs is None:
                 continue
@@ -349,23 +392,37 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v
             progress.advance(bar, {**logs, "lr": self.optimizer.param_groups[0]["lr"]})
         progress.remove(bar)
+        self._stop.check()
         out = {f"train_{k}": v / max(n, 1) for k, v in sums.items()}
+        if self.world.distributed:  # each rank saw its share: the run's numbers are the ranks' mean
+            shares = self.world.gather(out)
+            out = {k: sum(share[k] for share in shares) / len(shares) for k in out}
         out["steps"] = n
         return out
 
     def _step(self, batch: Any) -> dict[str, float] | None:
-        """One optimisation step; None if it was skipped by the NaN guard."""
+        """One optimisation step; None if it was skipped by the NaN guard.
+
+        Under torchrun each rank runs its share of the global batch (fire masks drawn for the whole
+        batch and sliced, so the step is the single-process step); DDP averages the gradients.
+        """
+        from ncatool.models.shard import batch_shard
+
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast_context(self.device, self.cfg.amp):
-            loss, logs = self.task.loss(self.model, batch)
-        if not torch.isfinite(loss):
-            self._non_finite("loss")
-            return None
-        loss.backward()
+        size = batch_size_of(batch)
+        offset = self.world.rank * size // self.world.size
+        with batch_shard(offset, size):
+            batch = self.world.shard(batch, size)
+            with autocast(self.device, self.cfg.amp):
+                loss, logs = self.task.loss(self.net, batch)
+            if self.world.any(not bool(torch.isfinite(loss))):  # skipped on every rank, or on none
+                self._non_finite("loss")
+                return None
+            loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
-        if not torch.isfinite(gnorm):
+        if self.world.any(not bool(torch.isfinite(gnorm))):
             self._non_finite("gradient")
             return None
         self.optimizer.step()
@@ -384,7 +441,7 @@ class Trainer:
         """Reload the last good weights and halve the learning rate."""
         last = self.ckpt_dir / "last.pt"
         if last.exists():
-            payload = load_checkpoint_file(last, self.device)
+            payload = read_checkpoint(last, self.device)
             self.model.load_state_dict(payload["model"])
             self.optimizer.load_state_dict(payload["optimizer"])
             source = str(last)
@@ -400,10 +457,16 @@ class Trainer:
 
     def _validate_and_keep_best(self, epoch: int) -> dict[str, float]:
         self.model.eval()
-        with torch.no_grad(), autocast_context(self.device, self.cfg.amp):
-            metrics = self.task.validate(self.model)
-            if self.cfg.samples > 0:
-                self.task.save_samples(self.model, self.run_dir / "samples" / f"epoch_{epoch + 1:03d}.png")
+        metrics: dict[str, float] = {}
+        if self.world.is_main:  # validated once, on rank 0; every rank takes its numbers
+            with torch.no_grad(), autocast(self.device, self.cfg.amp):
+                metrics = self.task.validate(self.model)
+                if self.cfg.samples > 0:
+                    self.task.save_samples(
+                        self.model, self.run_dir / "samples" / f"epoch_{epoch + 1:03d}.png"
+                    )
+                    self.logger.log_image(self.run_dir / "samples" / f"epoch_{epoch + 1:03d}.png", epoch + 1)
+        metrics = self.world.broadcast(metrics)
         score = float(metrics[self.task.score_name])
         if math.isfinite(score):
             self.scheduler.step(score)
@@ -450,80 +513,91 @@ class Trainer:
         plt.close(fig)
 
 
-def load_checkpoint_file(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load an ncatool checkpoint.
+@contextlib.contextmanager
+def lock_run_folder(run_dir: Path, hold: bool = True) -> Iterator[None]:
+    """Own ``run_dir`` for this run: a second ``ncatool train`` into it is refused while it runs.
+
+    An exclusive ``flock`` on ``run_dir/.lock``: the kernel drops it when the process ends, however it
+    ends (SIGKILL included), so a killed run never leaves the folder stuck. Only rank 0 holds it.
 
     Raises:
-        NcaError: Missing or not an ncatool checkpoint.
+        NcaError: Another process holds the folder.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise NcaError("checkpoint does not exist", path)
+    if not hold:
+        yield
+        return
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".lock"
+    fh = open(path, "a+")  # noqa: SIM115  (held open for the whole run)
     try:
-        payload = torch.load(path, map_location=device, weights_only=False)
-    except Exception as err:  # torch raises many types for corrupt files
-        raise NcaError(f"cannot read checkpoint ({type(err).__name__})", path) from err
-    if not isinstance(payload, dict) or payload.get("format") != "ncatool-checkpoint-1":
-        raise NcaError("not an ncatool checkpoint", path)
-    return payload
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            owner = fh.read().strip() or "another process"
+            raise NcaError(
+                f"run folder is in use by another ncatool train ({owner}); wait or use another --out", run_dir
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        fh.flush()
+        yield
+    finally:
+        fh.close()
 
 
-class _Progress:
-    """Rich progress bars on stderr (epochs and batches), or nothing with ``--quiet``."""
+def batch_size_of(batch: Any) -> int:
+    """Items in a batch: the first dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    for item in batch:
+        if isinstance(item, torch.Tensor) and item.dim():
+            return int(item.shape[0])
+    raise TypeError("a batch must hold at least one tensor with a batch dimension")
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and os.environ.get("NCATOOL_NO_PROGRESS") is None
-        self._p: Any = None
-        self._t0: dict[int, float] = {}
-        self._done: dict[int, int] = {}
 
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+class Stopped(NcaError):
+    """Training stopped by a signal; the CLI exits with ``128 + signum`` (the shell's convention)."""
 
-            from ncatool.console import err
+    def __init__(self, signum: int, message: str = "") -> None:
+        super().__init__(message or f"stopped by signal {signum}")
+        self.signum = signum
+        self.exit_code = 128 + signum
 
-            self._p = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[stats]}"),
-                console=err,
-                transient=False,
-            )
-            self._p.__enter__()
+
+class StopSignals:
+    """Turns the first SIGTERM/SIGINT into a request the loop honours at its next safe point.
+
+    The handlers are installed only in the main thread (Python allows no other) and the previous
+    ones are restored on exit. A second signal raises :class:`Stopped` immediately.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._p is not None:
-            self._p.__exit__(*exc)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
-    def add(self, description: str, total: int | None, completed: int = 0) -> int:
-        if self._p is None:
-            return 0
-        task_id = int(self._p.add_task(description, total=total, completed=completed, stats=""))
-        self._t0[task_id] = time.perf_counter()
-        self._done[task_id] = 0
-        return task_id
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise Stopped(signum)
+        self.signum = signum
+        warn(f"{signal.Signals(signum).name} received: stopping after this batch (again to stop at once)")
 
-    def advance(self, task_id: int, stats: dict[str, Any]) -> None:
-        if self._p is None:
-            return
-        self._done[task_id] += 1
-        rate = self._done[task_id] / max(time.perf_counter() - self._t0[task_id], 1e-9)
-        shown = {k: v for k, v in stats.items() if isinstance(v, float | int) and k not in ("epoch", "steps")}
-        text = " ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:6])
-        self._p.update(task_id, advance=1, stats=f"{text} it/s={rate:.2f}")
-
-    def remove(self, task_id: int) -> None:
-        if self._p is not None:
-            self._p.remove_task(task_id)
+    def check(self) -> None:
+        """Raise :class:`Stopped` if a signal arrived."""
+        if self.signum is not None:
+            raise Stopped(self.signum)

@@ -72,6 +72,6 @@ for name, train, ev in (
 ):
     s = json.load(open(f"{out}/{train}"))
     e = json.load(open(f"{out}/{ev}"))["foreground_mean"]
-    print(f"{name:34} {s['best_dice']:>13.4f} " + " ".join(f"{e[k]:>9.3f}" for k in keys))
+    print(f"{name:34} {s['best_val_dice']:>13.4f} " + " ".join(f"{e[k]:>9.3f}" for k in keys))
 print("(HD95 in mm; Dice, IoU, precision, recall: mean over cases)")
 PY

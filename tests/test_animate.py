@@ -21,18 +21,22 @@ from typer.testing import CliRunner
 
 from ncatool.animate import frame_steps, load_source, render
 from ncatool.cli import app
-from ncatool.data.io import Image, write_image
+from ncatool.config import build_config
+from ncatool.data.io import Image, read_image, write_image
 from ncatool.models.growing import ConditionalNCA, growing_nca_config
 from ncatool.models.nca import NCA, NCAConfig
 from ncatool.models.segmentation import SegmentationNCA, SegModelConfig
+from ncatool.runtime import AnimateRequest, PredictRequest, checkpoint_payload, write_checkpoint
+from ncatool.tasks import config_class
 from ncatool.viz.text import FrameComposer
 
 runner = CliRunner()
 
 
-def _save(payload: dict[str, Any], path: Path) -> Path:
-    torch.save({"format": "ncatool-checkpoint-1", **payload}, path)
-    return path
+def _save(task: str, run: dict[str, Any], model: torch.nn.Module, state: dict[str, Any], path: Path) -> Path:
+    """Write a checkpoint of ``model`` through the code training writes checkpoints with."""
+    cfg = build_config(config_class(task), {**run, "task": task})
+    return write_checkpoint(checkpoint_payload(cfg, model, state), path)
 
 
 def _wake(model: torch.nn.Module) -> None:
@@ -59,14 +63,8 @@ def seg_checkpoint(tmp_path: Path, dim: int, in_channels: int = 1) -> Path:
     model = SegmentationNCA(cfg)
     _wake(model)
     task = "seg2d" if dim == 2 else "seg3d"
-    run = {"task": task, "target_size": [16] * dim if dim == 2 else [8, 10, 12], "normalization": "zscore"}
-    payload = {
-        "task": task,
-        "config": run,
-        "model": model.state_dict(),
-        "task_state": {"model": cfg.__dict__},
-    }
-    return _save(payload, tmp_path / f"{task}.pt")
+    run = {"target_size": [16] * dim if dim == 2 else [8, 10, 12], "normalization": "zscore"}
+    return _save(task, run, model, {"model": cfg.__dict__}, tmp_path / f"{task}.pt")
 
 
 def seg_input(tmp_path: Path, shape: tuple[int, ...], name: str = "img.nii.gz") -> Path:
@@ -77,11 +75,9 @@ def seg_input(tmp_path: Path, shape: tuple[int, ...], name: str = "img.nii.gz") 
 def grow_checkpoint(tmp_path: Path) -> Path:
     nca = NCA(growing_nca_config(channels=8, hidden=16))
     _wake(nca)
-    run = {"task": "grow", "steps": [8, 12], "val_steps": 0, "img_size": 8, "padding": 4}
+    run = {"train_steps": [8, 12], "val_steps": 0, "img_size": 8, "padding": 4, "channels": 8, "hidden": 16}
     state = {"model": nca.cfg.__dict__, "target": torch.zeros(4, 16, 16)}
-    return _save(
-        {"task": "grow", "config": run, "model": nca.state_dict(), "task_state": state}, tmp_path / "g.pt"
-    )
+    return _save("grow", run, nca, state, tmp_path / "g.pt")
 
 
 def digits_checkpoint(tmp_path: Path) -> Path:
@@ -90,11 +86,9 @@ def digits_checkpoint(tmp_path: Path) -> Path:
     )
     model = ConditionalNCA(cfg, 10, 4)
     _wake(model)
-    run = {"task": "digits", "steps": 6, "img_size": 8}
+    run = {"steps": 6, "img_size": 8, "channels": 6, "hidden": 16, "embed_dim": 4, "border": "zeros"}
     state = {"model": {**cfg.__dict__, "embed_dim": 4}}
-    return _save(
-        {"task": "digits", "config": run, "model": model.state_dict(), "task_state": state}, tmp_path / "d.pt"
-    )
+    return _save("digits", run, model, state, tmp_path / "d.pt")
 
 
 def gif_frames(path: Path) -> list[np.ndarray]:
@@ -279,13 +273,8 @@ class _Collect:
 
 def _grow_frames(ckpt: Path, damage: bool) -> tuple[list[np.ndarray], Any]:
     torch.manual_seed(1)
-    source = load_source(
-        ckpt,
-        device="cpu",
-        steps="10",
-        damage=damage,
-        damage_opts=(4, (8.0, 8.0), 4.0) if damage else (None,) * 3,
-    )
+    opts = {"damage": True, "damage_at": 4, "damage_center": (8.0, 8.0), "damage_radius": 4.0} if damage else {}
+    source = load_source(ckpt, AnimateRequest(steps="10", **opts), device="cpu")
     sink = _Collect()
     info = render(source, [sink], every=1, scale=2, progress=False)
     return sink.frames, (source, info)
@@ -364,3 +353,29 @@ def test_quiet_is_silent_and_progress_goes_to_stderr(tmp_path: Path) -> None:
     assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == ""
     loud = runner.invoke(app, ["animate", "-c", str(ckpt), "-o", str(tmp_path / "l.gif"), "--steps", "3"])
     assert loud.exit_code == 0 and loud.stdout == "" and "4 frames" in loud.stderr
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_last_frame_is_the_predicted_mask(dim: int, tmp_path: Path) -> None:
+    """The animation runs the model's own inference: for the same seed its last state thresholds to
+    the mask ``ncatool predict`` writes (at the training size, so no resizing in between)."""
+    from ncatool.models.segmentation import probs_to_labels
+    from ncatool.runtime import load
+
+    ckpt = seg_checkpoint(tmp_path, dim)
+    shape = (16, 16) if dim == 2 else (8, 10, 12)
+    image = seg_input(tmp_path, shape)
+    source = load_source(ckpt, AnimateRequest(input=image), device="cpu")
+    torch.manual_seed(0)
+    states: list[torch.Tensor] = []
+    source.run(lambda step, state, level: states.append(state))
+    assert len(states) == 1 + source.total_steps
+    logits = states[-1][:, 1:2].float()
+    animated = probs_to_labels(torch.sigmoid(logits))[0].numpy()
+    out = tmp_path / "pred"
+    runner = load(ckpt, device="cpu")
+    result = runner.predict(PredictRequest(output=out, input=image, seed=0))
+    predicted = read_image(result["cases"][0]["mask"]).array
+    assert animated.shape == predicted.shape
+    assert np.array_equal(animated, predicted)
+    assert 0 < predicted.sum() < predicted.size  # a mask with something in it, not trivially equal

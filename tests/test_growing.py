@@ -162,7 +162,7 @@ def test_gray_target_alpha_from_threshold_mask_and_nifti_slice(tmp_path: Path) -
 # ----------------------------------------------------------------------------------- filters, model
 @pytest.mark.parametrize("name", [*FIXED_FILTERS, "learned", "sobel,laplacian"])
 def test_each_filter_grows_and_learns(name: str) -> None:
-    cfg = build_config(GrowConfig, {**dict(i.split("=") for i in TINY), "filter": name, "samples": 0})
+    cfg = build_config(GrowConfig, {**dict(i.split("=") for i in TINY), "filters": name, "samples": 0})
     task = GrowTask(cfg, torch.device("cpu"))
     torch.manual_seed(0)
     model = task.build_model()
@@ -183,10 +183,10 @@ def test_bad_grow_settings_are_rejected(tmp_path: Path) -> None:
     from ncatool.errors import NcaError
 
     for bad, needle in [
-        ({"filter": "sobel,edgy"}, "filter"),
+        ({"filters": "sobel,edgy"}, "filters"),
         ({"loss": "L3"}, "unknown loss"),
         ({"pool_size": 4, "batch_size": 8}, "pool_size"),
-        ({"steps": "9,5"}, "steps"),
+        ({"train_steps": "9,5"}, "train_steps"),
         ({"data": str(tmp_path / "none.png")}, "does not exist"),
     ]:
         with pytest.raises(NcaError, match=needle):
@@ -216,7 +216,7 @@ def test_resume_is_exact_and_restores_the_pool(tmp_path: Path) -> None:
 def test_grow_cli_smoke(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = ["train", "--task", "grow", "--out", str(out), "--epochs", "2", "--json"]
-    for item in [*TINY, "samples=1", "damage=true", "loss=Hinge", "filter=scharr"]:
+    for item in [*TINY, "samples=1", "damage=true", "loss=Hinge", "filters=scharr"]:
         args += ["--set", item]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -224,6 +224,8 @@ def test_grow_cli_smoke(tmp_path: Path) -> None:
     assert summary["epochs"] == 2 and math.isfinite(summary["best_psnr"])
     last = summary["last"]
     assert {"train_loss", "train_psnr", "val_psnr", "val_psnr_long", "val_psnr_regrow"} <= set(last)
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["val_psnr"] > history[0]["val_psnr"]  # it learned
     for name in [
         "config.json",
         "loss_curve.png",

@@ -19,8 +19,8 @@ from ncatool.config import build_config
 from ncatool.data.io import Image, read_image, write_image
 from ncatool.errors import NcaError
 from ncatool.models.segmentation import SegmentationNCA, SegModelConfig
-from ncatool.predict import SegPredictor, load_predictor, lowmem_logits
-from ncatool.tasks.segmentation import Seg2DConfig, Seg3DConfig, SegmentationTask
+from ncatool.runtime import load
+from ncatool.tasks.segmentation import Seg2DConfig, Seg3DConfig, SegmentationRunner, SegmentationTask
 from ncatool.train import Trainer
 
 runner = CliRunner()
@@ -158,12 +158,15 @@ def test_3d_model_rejects_2d_image_and_unknown_task(runs: dict[str, Path], tmp_p
     payload = torch.load(runs["seg2d"], weights_only=False)
     payload["task"] = "paint"
     torch.save(payload, tmp_path / "paint.pt")
-    with pytest.raises(NcaError, match="predict for task 'paint' is not supported yet"):
-        load_predictor(tmp_path / "paint.pt", device="cpu")
+    with pytest.raises(NcaError, match="unknown task 'paint'"):
+        load(tmp_path / "paint.pt", device="cpu")
     result = runner.invoke(app, ["predict", "-c", str(runs["seg2d"]), "-o", str(tmp_path / "o")])
     assert result.exit_code == 2 and "--input" in result.stderr
-    result = runner.invoke(app, ["eval", "-c", str(runs["seg2d"])])
-    assert result.exit_code == 2 and "--data" in result.stderr
+    result = runner.invoke(
+        app,
+        ["predict", "-c", str(runs["seg2d"]), "-i", str(path), "-o", str(tmp_path / "o"), "--samples", "3"],
+    )
+    assert result.exit_code == 2 and "--samples does not apply to seg2d" in result.stderr
 
 
 @pytest.mark.parametrize("dim", [2, 3])
@@ -179,11 +182,12 @@ def test_lowmem_forward_equals_model_forward(dim: int) -> None:
             p.normal_(0, 0.3)
         image = torch.randn(2, 1, *((9, 10, 11)[:dim] if dim == 3 else (13, 12)))
         expected = model(image).logits
-        got = lowmem_logits(model, image, budget=20_000)  # a few planes per slab
+        got = model(image, step_budget=20_000).logits  # a few planes per slab
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # the predictor takes this path when an item does not fit its budget
-    whole = SegPredictor(model=model, task=f"seg{dim}d", normalization="none")
-    small = SegPredictor(model=model, task=f"seg{dim}d", normalization="none", step_budget=20_000)
+    run = (Seg2DConfig if dim == 2 else Seg3DConfig)(normalization="none", target_size=None)
+    whole = SegmentationRunner(model, run, torch.device("cpu"))
+    small = SegmentationRunner(model, run, torch.device("cpu"), step_budget=20_000)
     a, _, _, _ = whole._run_items(image.numpy(), None, 1)
     b, _, _, _ = small._run_items(image.numpy(), None, 1)
     np.testing.assert_allclose(a, b, atol=1e-5)
@@ -327,7 +331,7 @@ def test_generation_checkpoints_predict_pngs_and_evaluate(task: str, tmp_path: P
         assert sorted(Path(f).name for f in files) == ["sample_000.png", "sample_001.png"]
         assert read_image(files[0]).array.shape == (12, 12, 3)
     bad = runner.invoke(app, ["predict", "-c", ckpt, "-o", str(out), "-i", str(tmp_path)])
-    assert bad.exit_code == 2 and "--input is not used" in bad.stderr
+    assert bad.exit_code == 2 and "--input does not apply" in bad.stderr
     result = runner.invoke(app, ["eval", "-c", ckpt, "-o", str(tmp_path / "ev"), "--json"])
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)["metrics"]

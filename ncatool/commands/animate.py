@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from ncatool.commands.choices import device_option
+
 
 class Overlay(str, Enum):
     """How the segmentation is drawn over the input."""
@@ -136,7 +138,7 @@ def animate(
     seed: Annotated[
         int, typer.Option("--seed", min=0, help="Seed of the cell updates and random damage.")
     ] = 0,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    device: Annotated[str, device_option("Where to run (auto: cuda, then mps, then cpu).")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print a summary as JSON on stdout.")] = False,
 ) -> None:
     """Render a trained NCA step by step (seg2d, seg3d, grow, digits).

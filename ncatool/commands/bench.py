@@ -12,7 +12,9 @@ def bench(
     quick: Annotated[
         bool, typer.Option("--quick", help="Small sizes and few steps (about a minute on 2 cores).")
     ] = False,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda[:N].")] = "cpu",
+    device: Annotated[
+        str, typer.Option("--device", metavar="<cpu|cuda|cuda:N>", help="Where to run both sides.")
+    ] = "cpu",
     repeats: Annotated[
         int, typer.Option("--repeats", "-r", min=1, help="Timed runs per implementation.")
     ] = 3,

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from ncatool.commands.choices import device_option
+
 
 class Split(str, Enum):
     """Cases evaluated with ``--checkpoint``."""
@@ -69,9 +71,16 @@ def evaluate(
     native: Annotated[
         bool, typer.Option("--native", help="With --checkpoint: predict at each input's own size.")
     ] = False,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    device: Annotated[str, device_option("Where to run (auto: cuda, then mps, then cpu).")] = "auto",
     amp: Annotated[Amp, typer.Option("--amp", help="Autocast: none or bf16.")] = Amp.none,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the stochastic cell updates.")] = 0,
+    context_size: Annotated[
+        str | None,
+        typer.Option(
+            "--context-size",
+            help="With an incontext --checkpoint: context sizes to score, e.g. 1,2,4,8 (default: the run's).",
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout.")] = False,
 ) -> None:
     """Evaluate segmentations against ground truth (two forms, see below).
@@ -91,44 +100,30 @@ def evaluate(
 
     tune_process()  # allocator settings before the heavy work (see ncatool/perf.py)
     from ncatool.console import emit_json, state
-    from ncatool.errors import NcaError
+    from ncatool.evaluate import evaluate as run_evaluate
     from ncatool.evaluate import (
-        evaluate_checkpoint,
-        evaluate_folders,
+        parse_context_sizes,
         parse_labels,
         print_generation_summary,
         print_summary,
         summary_to_json,
     )
 
-    folder_form = pred is not None or gt is not None
-    ckpt_form = checkpoint is not None or data is not None
-    if folder_form and ckpt_form:
-        raise NcaError("use either --pred/--gt or --checkpoint/--data, not both")
-    if folder_form and (pred is None or gt is None):
-        raise NcaError("--pred and --gt go together: both folders are needed")
-    if ckpt_form and checkpoint is None:
-        raise NcaError("--data needs --checkpoint: the model to predict the dataset with")
-    if not folder_form and not ckpt_form:
-        raise NcaError("nothing to evaluate: give --pred DIR --gt DIR, or --checkpoint CKPT --data DATASET")
-    wanted = parse_labels(labels)
-    if pred is not None and gt is not None:
-        summary = evaluate_folders(pred, gt, wanted, output)
-    elif checkpoint is not None:
-        summary = evaluate_checkpoint(
-            checkpoint,
-            data,
-            split=split.value,
-            labels=wanted,
-            output=output,
-            ensemble=ensemble,
-            native=native,
-            device=device,
-            amp=amp.value,
-            seed=seed,
-        )
-    else:  # unreachable: the checks above cover every combination
-        raise NcaError("give --pred DIR --gt DIR, or --checkpoint CKPT --data DATASET")
+    summary = run_evaluate(
+        pred,
+        gt,
+        checkpoint=checkpoint,
+        data=data,
+        split=split.value,
+        labels=parse_labels(labels),
+        output=output,
+        ensemble=ensemble,
+        native=native,
+        device=device,
+        amp=amp.value,
+        seed=seed,
+        context_size=parse_context_sizes(context_size),
+    )
     if "metric_per_case" in summary:
         print_summary(summary, per_case=state.verbose)
     else:

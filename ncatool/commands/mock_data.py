@@ -56,6 +56,36 @@ def mock_data(
         str, typer.Option("--prefix", help="Case name prefix: case -> case_001, case_002, ...")
     ] = "case",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing files.")] = False,
+    shape_labels: Annotated[
+        bool,
+        typer.Option(
+            "--shape-labels",
+            help="One label per shape class (label k = the k-th of --shapes) instead of one per object: "
+            "a multi-task set; with --multi K each case holds K objects of random classes.",
+        ),
+    ] = False,
+    from_labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-labels",
+            help="Synthesise images from real label maps instead (a file, a folder, or an nnU-Net "
+            "dataset's labelsTr): --cases images per map, random per-label intensities, bias, blur, "
+            "noise and deformation; geometry kept. Uses --cases, --noise, --bias, --seed.",
+        ),
+    ] = None,
+    deform: Annotated[
+        float, typer.Option("--deform", min=0.0, help="--from-labels: affine/elastic deformation strength.")
+    ] = 1.0,
+    blur: Annotated[
+        float, typer.Option("--blur", min=0.0, help="--from-labels: largest Gaussian blur (voxels).")
+    ] = 1.0,
+    contrast_per_case: Annotated[
+        bool,
+        typer.Option(
+            "--contrast-per-case",
+            help="--from-labels: a new intensity mixture for every case (default: one for the set).",
+        ),
+    ] = False,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print a JSON list of the cases to stdout.")
     ] = False,
@@ -68,6 +98,11 @@ def mock_data(
     from ncatool.console import emit_json, state
     from ncatool.data.mock import parse_shapes, parse_spacing, write_mock_dataset
 
+    if from_labels is not None:
+        _from_labels(
+            from_labels, out, cases, noise, bias, deform, blur, contrast_per_case, seed, overwrite, json_out
+        )
+        return
     shape_names = parse_shapes(shapes)
     spacing_xyz = parse_spacing(spacing, dim)
     records = write_mock_dataset(
@@ -83,6 +118,42 @@ def mock_data(
         spacing=spacing_xyz,
         seed=seed,
         prefix=prefix,
+        overwrite=overwrite,
+        shape_labels=shape_labels,
+    )
+    if not state.quiet:
+        _print_summary(records, out)
+    if json_out:
+        emit_json(records)
+
+
+def _from_labels(
+    labels: Path,
+    out: Path,
+    cases: int,
+    noise: float,
+    bias: float,
+    deform: float,
+    blur: float,
+    per_case: bool,
+    seed: int,
+    overwrite: bool,
+    json_out: bool,
+) -> None:
+    """``mock-data --from-labels``: :func:`ncatool.data.synth.write_synth_dataset`."""
+    from ncatool.console import emit_json, state
+    from ncatool.data.synth import write_synth_dataset
+
+    records = write_synth_dataset(
+        labels,
+        out,
+        cases,
+        seed=seed,
+        deform=deform,
+        bias=bias,
+        blur=blur,
+        noise=noise,
+        per_case=per_case,
         overwrite=overwrite,
     )
     if not state.quiet:

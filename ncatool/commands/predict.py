@@ -8,12 +8,22 @@ from typing import Annotated, Any
 
 import typer
 
+from ncatool.commands.choices import device_option
+
 
 class Amp(str, Enum):
     """Autocast at inference."""
 
     none = "none"
     bf16 = "bf16"
+
+
+class MaskFormat(str, Enum):
+    """The kind of mask files."""
+
+    auto = "auto"
+    nifti = "nifti"
+    png = "png"
 
 
 def predict(
@@ -26,7 +36,7 @@ def predict(
     output: Annotated[
         Path,
         typer.Option(
-            "--output", "-o", help="Folder for CASE.nii.gz masks (grow/digits: PNGs).", show_default=False
+            "--output", "-o", help="Folder for the masks (grow/digits: PNG samples).", show_default=False
         ),
     ],
     input_path: Annotated[
@@ -54,17 +64,44 @@ def predict(
             "--native", help="Run at each input's own size instead of resizing to the training target_size."
         ),
     ] = False,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    device: Annotated[str, device_option("Where to run (auto: cuda, then mps, then cpu).")] = "auto",
     amp: Annotated[Amp, typer.Option("--amp", help="Autocast: none or bf16.")] = Amp.none,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the stochastic cell updates.")] = 0,
     samples: Annotated[
         int, typer.Option("--samples", min=1, help="grow/digits: samples to grow (per digit for digits).")
     ] = 4,
     labels: Annotated[
-        str | None, typer.Option("--labels", help="digits: which digits, e.g. 0,3,7 [default: all].")
+        str | None,
+        typer.Option(
+            "--labels",
+            help="digits: which digits, e.g. 0,3,7; incontext: which context labels (default: all).",
+        ),
     ] = None,
     steps: Annotated[
-        int | None, typer.Option("--steps", min=1, help="grow/digits: NCA steps [default: as validated].")
+        int | None, typer.Option("--steps", min=1, help="grow/digits: NCA steps (default: as validated).")
+    ] = None,
+    mask_format: Annotated[
+        MaskFormat,
+        typer.Option(
+            "--format",
+            help="Masks: auto = the input's kind (PNG/JPG/BMP/TIFF images give PNG masks of their size, "
+            "ISIC-trained binary models CASE_segmentation.png with 0/255; volumes give CASE.nii.gz), "
+            "or always nifti / png.",
+        ),
+    ] = MaskFormat.auto,
+    context: Annotated[
+        Path | None,
+        typer.Option(
+            "--context",
+            help="incontext: nnU-Net dataset whose image/mask pairs show what to segment (one label map "
+            "output, one task per label).",
+        ),
+    ] = None,
+    context_size: Annotated[
+        int | None,
+        typer.Option(
+            "--context-size", min=1, help="incontext: example pairs per label (default: the run's)."
+        ),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
 ) -> None:
@@ -73,6 +110,7 @@ def predict(
     Preprocessing repeats training: normalisation, slicing, resize to the
     training target_size. Probabilities are resized back to each input's size
     and thresholded; masks keep the input's spacing, origin and direction.
+    PNG/JPG/BMP/TIFF inputs give PNG masks of their size (--format).
 
     With --ensemble N > 1 the quality score (sum of std / sum of mean
     probability) flags likely failures without ground truth: higher is worse.
@@ -110,6 +148,9 @@ def predict(
         samples=samples,
         labels=digits,
         steps=steps,
+        format=mask_format.value,
+        context=context,
+        context_size=context_size,
     )
     if "cases" in result:
         _print_table(result)

@@ -33,11 +33,6 @@ from ncatool.data.transforms import (
 )
 from ncatool.errors import NcaError
 
-# Not used here: tasks/segmentation/task.py reaches them as ``datasets.<name>`` (they belong to
-# ncatool.data.loading and ncatool.data.splits; the block goes when that call site imports them there).
-from ncatool.data.loading import dataset_info, load_cases  # noqa: F401  isort: skip
-from ncatool.data.splits import split_cases  # noqa: F401  isort: skip
-
 
 def _as_int_tuple(value: Sequence[int] | None, name: str) -> tuple[int, ...] | None:
     if value is None:

@@ -18,8 +18,10 @@ leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -287,6 +289,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:  # disk full, permission denied, read-only: name the output, not the temporary
+        if isinstance(err.filename, str) and Path(err.filename) not in (tmp, path):
+            raise  # about another file (e.g. a source being read): its own message names it
+        raise NcaError(f"cannot write: {err.strerror or err}", path) from err
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -313,6 +319,10 @@ def write_image(image: Image, path: str | Path, compress: bool = True) -> Path:
             sitk.WriteImage(img, str(tmp), useCompression=compress)
         except RuntimeError as err:
             raise NcaError(f"cannot write image: {str(err).strip().splitlines()[-1]}", path) from err
+        # ITK's NIfTI writer only prints "wrote only 0 of N bytes" when the disk fills up, and the
+        # truncated file still reads: a full disk after the write means the image may be cut short
+        if shutil.disk_usage(tmp.parent).free == 0:
+            raise NcaError(f"cannot write image: {os.strerror(errno.ENOSPC)}", path)
     return path
 
 

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ncatool.data.io import Image, read_header, read_image
-from ncatool.data.nnunet.dataset_json import read_dataset_json
+from ncatool.data.nnunet.dataset_json import SOURCE_LAYOUT_KEY, read_dataset_json
 from ncatool.data.nnunet.layout import DATASET_JSON, find_raw_cases
 from ncatool.data.nnunet.verify import Issue, case_file_issues, check_case, num_training_problem
 from ncatool.errors import NcaError, ValidationError
@@ -259,6 +259,7 @@ class NnUNetDataset:
             "dim": self.dim,
             "numTraining": self.num_training,
             "file_ending": self.file_ending,
+            "source_layout": self.meta.get(SOURCE_LAYOUT_KEY),
         }
 
 
@@ -283,7 +284,8 @@ def dataset_info(root: str | Path) -> dict[str, Any]:
 
     Returns:
         ``{"name", "num_channels", "channel_names", "labels" (name -> value), "num_classes",
-        "num_foreground", "dim" (2 or 3; singleton-z counts as 2), "numTraining", "file_ending"}``.
+        "num_foreground", "dim" (2 or 3; singleton-z counts as 2), "numTraining", "file_ending",
+        "source_layout" (``"isic"`` for a dataset ``prepare --layout isic`` made, else None)}``.
     """
     return NnUNetDataset(root).info()
 

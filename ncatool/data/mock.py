@@ -359,8 +359,10 @@ def _place_objects(
     shapes: Sequence[str],
     n_objects: int,
     spacing_zyx: Sequence[float],
+    shape_labels: bool = False,
 ) -> list[dict[str, Any]]:
-    """Paint ``n_objects`` non-overlapping objects with labels 1..n into ``mask`` (in place)."""
+    """Paint ``n_objects`` non-overlapping objects with labels 1..n into ``mask`` (in place); with
+    ``shape_labels`` an object's label is its shape's position in ``shapes`` plus one instead."""
     dim = mask.ndim
     size = np.array(mask.shape)
     sp = np.array(spacing_zyx, dtype=float)
@@ -368,8 +370,9 @@ def _place_objects(
     # largest bound (mm) so that the object plus a one-voxel margin fits on every axis
     max_bound = float(np.min((size - 4) / 2.0 * sp))
     objects: list[dict[str, Any]] = []
-    for label in range(1, n_objects + 1):
+    for index in range(1, n_objects + 1):
         shape = str(rng.choice(list(shapes)))
+        label = list(shapes).index(shape) + 1 if shape_labels else index
         radius = rng.uniform(0.15, 0.25) * float(extent.min()) / n_objects ** (1.0 / dim)
         params = _sample_params(rng, shape, dim, radius)
         bound = _bound(shape, params, dim)
@@ -409,6 +412,7 @@ def generate_case(
     noise: float = 0.1,
     bias: float = 0.2,
     spacing: Sequence[float] | None = None,
+    shape_labels: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Generate one synthetic image and its mask.
 
@@ -423,6 +427,9 @@ def generate_case(
         bias: Strength of the multiplicative bias field (0 disables it).
         spacing: Voxel size in ``(x, y[, z])`` order (mm); shapes are round in physical space.
             ``None`` means 1.0 on every axis.
+        shape_labels: Label each object by its shape class (label k = ``shapes[k - 1]``, intensities
+            per class) instead of 1..n_objects: a multi-task set, one structure class per label;
+            a case then holds the classes it drew, not necessarily all.
 
     Returns:
         ``(image, mask, info)``: image float32 ``(Z, Y, X)`` / ``(Y, X)``; mask uint8 of the same
@@ -440,15 +447,16 @@ def generate_case(
 
     size = tuple(int(rng.integers(size_min, size_max + 1)) for _ in range(dim))
     mask = np.zeros(size, dtype=np.uint8)
-    objects = _place_objects(rng, mask, shapes, n_objects, spacing_zyx)
+    objects = _place_objects(rng, mask, shapes, n_objects, spacing_zyx, shape_labels)
+    n_labels = len(shapes) if shape_labels else n_objects
 
     background = float(rng.uniform(0.0, 0.2))
-    if n_objects == 1:
+    if n_labels == 1:
         levels = np.array([rng.uniform(0.8, 1.0)])
     else:
-        step = 0.5 / n_objects
-        jitter = rng.uniform(-step / 4, step / 4, size=n_objects)
-        levels = 0.5 + step * np.arange(1, n_objects + 1) + jitter
+        step = 0.5 / n_labels
+        jitter = rng.uniform(-step / 4, step / 4, size=n_labels)
+        levels = 0.5 + step * np.arange(1, n_labels + 1) + jitter
     lut = np.concatenate([[background], levels]).astype(np.float32)
     image = lut[mask]
     image *= bias_field(rng, size, bias)
@@ -456,13 +464,15 @@ def generate_case(
     if noise > 0:
         image += rng.standard_normal(size, dtype=np.float32) * np.float32(noise * contrast)
 
-    counts = np.bincount(mask.ravel(), minlength=n_objects + 1)
+    counts = np.bincount(mask.ravel(), minlength=n_labels + 1)
     info: dict[str, Any] = {
         "shape": list(size),
         "shapes": [o["shape"] for o in objects],
-        "label_voxels": {int(k): int(counts[k]) for k in range(1, n_objects + 1)},
+        "label_voxels": {
+            int(k): int(counts[k]) for k in range(1, n_labels + 1) if counts[k] or not shape_labels
+        },
         "background": background,
-        "intensities": {int(k): float(levels[k - 1]) for k in range(1, n_objects + 1)},
+        "intensities": {int(k): float(levels[k - 1]) for k in range(1, n_labels + 1)},
     }
     return image.astype(np.float32, copy=False), mask, info
 
@@ -489,6 +499,7 @@ def write_mock_dataset(
     prefix: str = "case",
     overwrite: bool = False,
     on_case: Callable[[dict[str, Any]], None] | None = None,
+    shape_labels: bool = False,
 ) -> list[dict[str, Any]]:
     """Generate cases and write ``<out>/<case>_img.nii.gz`` and ``<out>/<case>_gt.nii.gz``.
 
@@ -511,6 +522,7 @@ def write_mock_dataset(
         prefix: Case name prefix (letters, digits, ``_ . -``).
         overwrite: Replace existing files instead of refusing.
         on_case: Called with each case's record right after it is written (progress).
+        shape_labels: One label per shape class (see :func:`generate_case`).
 
     Returns:
         One record per case: ``case``, ``image``, ``label`` (paths as strings), ``shape`` (array
@@ -562,6 +574,7 @@ def write_mock_dataset(
             noise=noise,
             bias=bias,
             spacing=spacing_xyz,
+            shape_labels=shape_labels,
         )
         write_image(Image.from_array(image, spacing=spacing_xyz), img_path)
         write_image(Image.from_array(mask, spacing=spacing_xyz), gt_path)

@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ncatool.models.filters import FIXED_FILTERS, filter_bank
+from ncatool.models.shard import per_sample_uniform
 from ncatool.models.slabs import run_in_slabs, slab_step
 
 if TYPE_CHECKING:
@@ -203,7 +204,7 @@ def fire_mask(
     """
     if fire_rate >= 1.0:
         return torch.ones(shape, device=device, dtype=dtype)
-    return (torch.rand(shape, device=device) < fire_rate).to(dtype)
+    return (per_sample_uniform(shape, device) < fire_rate).to(dtype)
 
 
 def alive_mask(x: torch.Tensor, channel: int, threshold: float) -> torch.Tensor:

@@ -1,38 +1,66 @@
-"""The task registry: each ``ncatool train --task`` name maps to a config class and a task class.
+"""The task registry: each ``ncatool train --task`` name maps to the module that owns the task.
 
-A task adds a model wrapper and a loss here; the training loop (:mod:`ncatool.train`) is shared.
+A task module gives, under the names registered here:
+
+* a frozen config dataclass (deriving from :class:`ncatool.config.TrainConfig`);
+* a training task for the one loop (:class:`ncatool.train.Task`);
+* a runner class with ``from_checkpoint(checkpoint, device, amp)`` that rebuilds the trained model
+  from a checkpoint alone and predicts, evaluates and animates it (:class:`ncatool.runtime.Runner`).
+
+``train``, ``predict``, ``eval`` and ``animate`` ask this registry and name no task themselves, so a
+new task is its module plus one line here. Modules are imported only when used.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ncatool.errors import NcaError
 
-#: task name → (module, config class, task class); modules are imported only when used.
-TASKS: dict[str, tuple[str, str, str]] = {
-    "seg2d": ("ncatool.tasks.segmentation", "Seg2DConfig", "SegmentationTask"),
-    "seg3d": ("ncatool.tasks.segmentation", "Seg3DConfig", "SegmentationTask"),
-    "grow": ("ncatool.tasks.growing", "GrowConfig", "GrowTask"),
-    "digits": ("ncatool.tasks.digits", "DigitsConfig", "DigitsTask"),
+if TYPE_CHECKING:
+    import torch
+
+    from ncatool.runtime import Checkpoint, Runner
+
+
+class TaskEntry(NamedTuple):
+    """Where a task lives: its module (or package) and the names of its config, training task and
+    runner in it."""
+
+    module: str
+    config: str
+    task: str
+    runner: str
+
+
+#: task name → its entry.
+TASKS: dict[str, TaskEntry] = {
+    "seg2d": TaskEntry("ncatool.tasks.segmentation", "Seg2DConfig", "SegmentationTask", "SegmentationRunner"),
+    "seg3d": TaskEntry("ncatool.tasks.segmentation", "Seg3DConfig", "SegmentationTask", "SegmentationRunner"),
+    "grow": TaskEntry("ncatool.tasks.growing", "GrowConfig", "GrowTask", "GrowRunner"),
+    "digits": TaskEntry("ncatool.tasks.digits", "DigitsConfig", "DigitsTask", "DigitsRunner"),
+    "incontext": TaskEntry("ncatool.tasks.incontext", "InContextConfig", "InContextTask", "InContextRunner"),
 }
 
 
-def _lookup(task: str) -> tuple[Any, str, str]:
-    if task not in TASKS:
+def _member(task: str, which: str) -> Any:
+    entry = TASKS.get(task)
+    if entry is None:
         raise NcaError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
-    module, cfg_name, task_name = TASKS[task]
-    return importlib.import_module(module), cfg_name, task_name
+    return getattr(importlib.import_module(entry.module), getattr(entry, which))
 
 
 def config_class(task: str) -> type:
     """The frozen config dataclass of ``task``."""
-    mod, cfg_name, _ = _lookup(task)
-    return getattr(mod, cfg_name)
+    return _member(task, "config")
 
 
-def make_task(cfg: Any, device: Any) -> Any:
-    """Instantiate the task object for a resolved config."""
-    mod, _, task_name = _lookup(cfg.task)
-    return getattr(mod, task_name)(cfg, device)
+def make_task(cfg: Any, device: torch.device) -> Any:
+    """The training task for a resolved config."""
+    return _member(cfg.task, "task")(cfg, device)
+
+
+def runner(checkpoint: Checkpoint, device: torch.device, amp: str = "none") -> Runner:
+    """The inference runner of a loaded checkpoint, on ``device``."""
+    return _member(checkpoint.task, "runner").from_checkpoint(checkpoint, device, amp)

@@ -5,9 +5,10 @@ A learned embedding of the digit label (0-9) is fed to the update rule of every 
 puts the loss on several intermediate steps (``loss_steps``), not only the last, so the digit forms
 progressively and stays formed.
 
-Data: the shipped real handwritten digits (``data/digits/digits_8x8.npz``, 1,797 8x8 images from
-scikit-learn's copy of the UCI set, values 0..16), or MNIST IDX files / an NPZ via ``data``; every
-image is scaled to [0, 1] and resized to ``img_size`` (bilinear, antialiased when shrinking).
+Data: the real handwritten digits shipped in the package (``ncatool/resources/digits/digits_8x8.npz``,
+1,797 8x8 images from scikit-learn's copy of the UCI set, values 0..16), or MNIST IDX files / an NPZ
+via ``data``; every image is scaled to [0, 1] and resized to ``img_size`` (bilinear, antialiased when
+shrinking).
 A seeded split keeps ``val_fraction`` of the images for evaluation.
 
 Evaluation (every validation, with fixed noise) generates one digit per validation image, of that
@@ -29,7 +30,7 @@ import gzip
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -37,15 +38,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ncatool.config import TrainConfig
+from ncatool.data.splits import split_indices
 from ncatool.errors import NcaError
 from ncatool.image_losses import canonical_loss_name, per_sample_loss
 from ncatool.models.growing import ConditionalNCA, make_seed
 from ncatool.models.nca import PADDING_MODES, NCAConfig
-from ncatool.tasks.growing import DATA_DIR, isolated_rng, parse_filters
-from ncatool.viz.colour import gray_to_rgb
-from ncatool.viz.grid import save_grid
+from ncatool.resources import resource_path
+from ncatool.runtime import Checkpoint, PredictRequest
+from ncatool.tasks.generation import GenerationRunner
+from ncatool.tasks.growing import check_filters, isolated_rng
+from ncatool.viz.colour import gray_to_rgb, hidden_tiles, to_uint8
+from ncatool.viz.grid import save_grid, tile_grid, upscale, write_png
 
-DEFAULT_DIGITS = DATA_DIR / "digits" / "digits_8x8.npz"
+DEFAULT_DIGITS = resource_path("digits", "digits_8x8.npz")
 N_CLASSES = 10
 CLASSIFIERS = ("logreg", "cnn")
 
@@ -54,8 +59,11 @@ CLASSIFIERS = ("logreg", "cnn")
 class DigitsConfig(TrainConfig):
     """A class-conditional digit NCA run."""
 
+    # settings saved by an older ncatool under another name (see ncatool.config.rename_old_keys)
+    RENAMED: ClassVar[dict[str, str]] = {"filter": "filters"}
+
     task: str = "digits"
-    data: str = ""  # MNIST IDX folder/file or NPZ; "" = the shipped sklearn digits (data/digits)
+    data: str = ""  # MNIST IDX folder/file or NPZ; "" = the shipped sklearn digits (ncatool.resources)
     img_size: int = 16  # images are resized to img_size x img_size (8x8 digits: 16 or 32)
     max_items: int = 0  # use a seeded random subset of this many images; 0 = all
     val_fraction: float = 0.2  # held out for evaluation (seeded split)
@@ -63,7 +71,9 @@ class DigitsConfig(TrainConfig):
     channels: int = 16  # channel 0 is the digit, the rest hidden
     hidden: int = 128
     embed_dim: int = 8  # width of the learned label embedding fed to the rule
-    filter: str = "sobel"  # sobel | scharr | gaussian | laplacian | mean | learned; comma-separate to mix
+    filters: tuple[str, ...] = (
+        "sobel",
+    )  # perception: sobel | scharr | gaussian | laplacian | mean | learned
     fire_rate: float = 0.5
     border: str = "zeros"  # zeros | reflect | replicate | circular
     steps: int = 32  # NCA steps from the seed to the digit (about 2 x img_size)
@@ -72,7 +82,7 @@ class DigitsConfig(TrainConfig):
     hinge_margin: float = 0.02
     classifier: str = "logreg"  # logreg | cnn: the recogniser trained on the real digits
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 2e-3  # Adam
     epochs: int = 40
 
 
@@ -88,7 +98,7 @@ def check_digits_config(cfg: DigitsConfig) -> None:
     Raises:
         NcaError: On a bad value.
     """
-    parse_filters(cfg.filter)
+    check_filters(cfg.filters)
     try:
         canonical_loss_name(cfg.loss)
     except ValueError as err:
@@ -304,6 +314,38 @@ def train_classifier(
     return model.eval()
 
 
+def nca_config(cfg: DigitsConfig) -> NCAConfig:
+    """The core's shape: no fixed channels, no alive masking, label embedding as conditioning."""
+    return NCAConfig(
+        channels=cfg.channels,
+        fixed_channels=0,
+        hidden=cfg.hidden,
+        dim=2,
+        filters=check_filters(cfg.filters),
+        fire_rate=cfg.fire_rate,
+        alive_channel=None,
+        cond_channels=cfg.embed_dim,
+        padding=cfg.border,
+    )
+
+
+def build_model(cfg: DigitsConfig) -> ConditionalNCA:
+    """A fresh :class:`ConditionalNCA` for a run's config.
+
+    Raises:
+        NcaError: Inconsistent model settings.
+    """
+    try:
+        return ConditionalNCA(nca_config(cfg), N_CLASSES, cfg.embed_dim)
+    except ValueError as err:
+        raise NcaError(f"invalid model settings: {err}") from err
+
+
+def seed_state(cfg: DigitsConfig) -> torch.Tensor:
+    """The ``(C, S, S)`` seed every digit grows from (one live cell in the centre, channels >= 1)."""
+    return make_seed(cfg.channels, cfg.img_size, cfg.img_size, first_live_channel=1)
+
+
 # ------------------------------------------------------------------------------------------ task
 class DigitsTask:
     """Trains a label-conditioned NCA to grow real handwritten digits.
@@ -319,20 +361,16 @@ class DigitsTask:
         check_digits_config(cfg)
         self.config = cfg
         self.device = device
-        self.filters = parse_filters(cfg.filter)
+        self.filters = check_filters(cfg.filters)
         self.loss_name = canonical_loss_name(cfg.loss)
         self.loss_steps = resolved_loss_steps(cfg)
         images, labels = load_digit_images(cfg.data)
-        rng = np.random.default_rng(cfg.seed)
-        order = rng.permutation(len(images))
-        if cfg.max_items:
-            order = order[: cfg.max_items]
-        n_val = max(1, round(len(order) * cfg.val_fraction))
-        if len(order) - n_val < 1:
-            raise NcaError(f"too few images ({len(order)}) for a training and a validation split")
+        kept, held = split_indices(len(images), cfg.val_fraction, cfg.seed, limit=cfg.max_items)
+        if len(held) == 0:
+            raise NcaError(f"too few images ({len(kept)}) for a training and a validation split")
         x = resize_images(torch.from_numpy(images), cfg.img_size)
         y = torch.from_numpy(labels)
-        tr, va = torch.from_numpy(order[n_val:]), torch.from_numpy(order[:n_val][: cfg.val_max])
+        tr, va = torch.from_numpy(kept), torch.from_numpy(held[: cfg.val_max])
         self.train_x, self.train_y = x[tr], y[tr]
         self.val_x, self.val_y = x[va], y[va]
         self.class_means = torch.stack(
@@ -343,30 +381,12 @@ class DigitsTask:
                 for k in range(N_CLASSES)
             ]
         )
-        self.seed = make_seed(cfg.channels, cfg.img_size, cfg.img_size, first_live_channel=1).to(device)
+        self.seed = seed_state(cfg).to(device)
         self._classifier: nn.Module | None = None
-
-    def nca_config(self) -> NCAConfig:
-        """The core's shape: no fixed channels, no alive masking, label embedding as conditioning."""
-        cfg = self.config
-        return NCAConfig(
-            channels=cfg.channels,
-            fixed_channels=0,
-            hidden=cfg.hidden,
-            dim=2,
-            filters=self.filters,
-            fire_rate=cfg.fire_rate,
-            alive_channel=None,
-            cond_channels=cfg.embed_dim,
-            padding=cfg.border,
-        )
 
     def build_model(self) -> nn.Module:
         """A fresh :class:`ConditionalNCA`."""
-        try:
-            return ConditionalNCA(self.nca_config(), N_CLASSES, self.config.embed_dim)
-        except ValueError as err:
-            raise NcaError(f"invalid model settings: {err}") from err
+        return build_model(self.config)
 
     def batches(self, epoch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Shuffled ``(images (B, 1, S, S), labels (B,))`` from the training split."""
@@ -442,7 +462,7 @@ class DigitsTask:
     def extra_state(self) -> dict[str, Any]:
         """The model shape and split sizes (for later evaluation)."""
         return {
-            "model": {**self.nca_config().__dict__, "embed_dim": self.config.embed_dim},
+            "model": {**nca_config(self.config).__dict__, "embed_dim": self.config.embed_dim},
             "n_train": len(self.train_x),
             "n_val": len(self.val_x),
             "loss_steps": list(self.loss_steps),
@@ -488,3 +508,63 @@ def evaluate_generated(
             out[f"mse_means_{k}"] = float(mse[sel].mean())
             out[f"recognised_{k}"] = float(hit[sel].mean())
     return out
+
+
+# ------------------------------------------------------------------------------------------ inference
+class DigitsRunner(GenerationRunner):
+    """A trained digit NCA: ``digit_K_NNN.png`` (grayscale), ``samples`` per requested digit ``K``."""
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, device: torch.device, amp: str = "none") -> DigitsRunner:
+        """Rebuild the model from the run's config."""
+        cfg = checkpoint.config
+        model = cls.load_weights(build_model(cfg), checkpoint)  # type: ignore[arg-type]
+        return cls(model, seed_state(cfg), checkpoint, device, amp)  # type: ignore[arg-type]
+
+    def default_steps(self) -> int:
+        """The run's ``steps``."""
+        return int(self.config.steps)
+
+    def grow(self, n: int, steps: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """One grown state per label: ``(B,)`` → ``(B, C, S, S)``."""
+        if labels is None:
+            raise ValueError("a digits model grows one sample per label")
+        return self.model(self.seeds(len(labels)), steps, labels.to(self.device))
+
+    def digits(self, labels: tuple[int, ...] | None) -> list[int]:
+        """The requested digits (all ten by default), checked.
+
+        Raises:
+            NcaError: A label outside 0-9.
+        """
+        if labels is None:
+            return list(range(N_CLASSES))
+        bad = [int(k) for k in labels if not 0 <= int(k) < N_CLASSES]
+        if bad:
+            raise NcaError(f"--labels must be digits 0-9 for a digits checkpoint, got {bad}")
+        return [int(k) for k in labels]
+
+    def write_samples(self, request: PredictRequest, steps: int) -> list[str]:
+        """``digit_K_NNN.png`` for each requested digit ``K``."""
+        wanted = torch.tensor(self.digits(request.labels)).repeat_interleave(request.samples)
+        pixels = to_uint8(self.grow(len(wanted), steps, wanted)[:, 0].float().cpu().numpy(), 0.0, 1.0)
+        return [
+            str(write_png(img, request.output / f"digit_{k}_{i % request.samples:03d}.png"))
+            for i, (k, img) in enumerate(zip(wanted.tolist(), pixels, strict=True))
+        ]
+
+    def animation_start(self) -> tuple[Any, torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+        """The ten digits side by side, each conditioned on its label's embedding."""
+        with torch.no_grad():
+            cond = self.model.embed(torch.arange(N_CLASSES, device=self.device))
+        return self.model.nca, self.seeds(N_CLASSES), cond, {"classes": list(range(N_CLASSES))}
+
+    def draw(self, state: torch.Tensor, hidden: int, scale: int) -> np.ndarray:
+        """The digits (channel 0, white on black) in a row, then one row per hidden channel."""
+        digits = state[:, 0].clamp(0.0, 1.0).numpy()
+        rows = [[upscale(gray_to_rgb(d, 0.0, 1.0), scale) for d in digits]]
+        rows += [hidden_tiles(state[:, self.first_hidden + k].numpy(), scale) for k in range(hidden)]
+        return tile_grid(rows)
+
+    def columns(self, batch: int, hidden: int) -> int:
+        return batch

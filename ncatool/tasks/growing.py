@@ -4,9 +4,10 @@ An NCA learns to grow a target image from one live cell and to keep it (sample p
 to regrow it after damage. Everything runs on the shared core (:class:`ncatool.models.nca.NCA` with
 alive masking on channel 3) and the one training loop.
 
-Target: any PNG/JPG/BMP/TIFF, or a slice of a NIfTI/NRRD/MHA volume (``data``; default the shipped
-``data/retina/retina_rgba_64.png``). RGBA is used as is; RGB or grayscale gets alpha 1 where the
-brightest channel exceeds ``alpha_threshold`` (holes filled), or where ``mask`` is nonzero. Colour is
+Target: any PNG/JPG/BMP/TIFF, or a slice of a NIfTI/NRRD/MHA volume (``data``; default the retina
+shipped in the package, ``ncatool/resources/retina/retina_rgba_64.png``). RGBA is used as is; RGB or
+grayscale gets alpha 1 where the brightest channel exceeds ``alpha_threshold`` (holes filled), or
+where ``mask`` is nonzero. Colour is
 premultiplied by alpha, the image is fitted into ``img_size`` x ``img_size`` (aspect kept, centred)
 and ``padding`` transparent pixels are added on each side: the grid is ``img_size + 2 * padding``.
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -34,25 +35,42 @@ import torch.nn.functional as F
 from torch import nn
 
 from ncatool.config import TrainConfig
+from ncatool.distributed import world
 from ncatool.errors import NcaError
 from ncatool.image_losses import canonical_loss_name, per_sample_loss, psnr
 from ncatool.models.filters import FIXED_FILTERS
 from ncatool.models.growing import ALPHA_CHANNEL, SamplePool, circle_masks, growing_nca_config, make_seed
-from ncatool.models.nca import NCA, PADDING_MODES
-from ncatool.viz.colour import rgba_to_rgb
-from ncatool.viz.grid import save_grid
+from ncatool.models.nca import NCA, PADDING_MODES, NCAConfig
+from ncatool.resources import resource_path
+from ncatool.runtime import Checkpoint, PredictRequest
+from ncatool.tasks.generation import GenerationRunner
+from ncatool.viz.colour import hidden_tiles, rgba_to_rgb
+from ncatool.viz.grid import TILES_PER_ROW_2D, in_rows, save_grid, tile_grid, upscale, write_png
 
-#: The shipped repository ``data/`` folder (a source checkout; ``--data`` works anywhere).
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"
-DEFAULT_TARGET = DATA_DIR / "retina" / "retina_rgba_64.png"
+#: The default target, shipped inside the package (:mod:`ncatool.resources`).
+DEFAULT_TARGET = resource_path("retina", "retina_rgba_64.png")
+
+
+#: Seed 001 (``train_config.yaml`` of the Growing-NCA-on-MedMNIST repository) → ncatool names.
+SEED_001_RENAMED: dict[str, str] = {"n_channels": "channels", "learning_rate": "lr", "target_path": "data"}
+#: Seed 001 keys that need more than a rename (:meth:`GrowConfig.translate_keys`).
+SEED_001_TRANSLATED: tuple[str, ...] = ("iterations", "model_path")
 
 
 @dataclass(frozen=True)
 class GrowConfig(TrainConfig):
     """A Growing NCA run (defaults as Growing NCA: 16 channels, hidden 128, pool 1024, batch 8)."""
 
+    # settings saved by an older ncatool under another name, and seed 001's train_config.yaml names
+    # (see ncatool.config.rename_old_keys; seed 001's iterations, model_path, device: translate_keys)
+    RENAMED: ClassVar[dict[str, str]] = {
+        "filter": "filters",
+        "steps": "train_steps",
+        **SEED_001_RENAMED,
+    }
+
     task: str = "grow"
-    data: str = ""  # target image or volume; "" = the shipped retina (data/retina/retina_rgba_64.png)
+    data: str = ""  # target image or volume; "" = the shipped retina (ncatool/resources/retina)
     mask: str = ""  # optional mask image for an RGB/grayscale target: alpha = mask > 0
     alpha_threshold: float = 0.1  # no alpha and no mask: alpha = brightest channel (0..1) > this
     fill_holes: bool = True  # fill holes of a thresholded/mask alpha (dark structures inside the body)
@@ -62,23 +80,73 @@ class GrowConfig(TrainConfig):
     padding: int = 16  # ... and padded by this many transparent pixels on each side
     channels: int = 16  # RGB, alpha, hidden
     hidden: int = 128
-    filter: str = "sobel"  # sobel | scharr | gaussian | laplacian | mean | learned; comma-separate to mix
+    filters: tuple[str, ...] = (
+        "sobel",
+    )  # perception: sobel | scharr | gaussian | laplacian | mean | learned
     fire_rate: float = 0.5
     alive_threshold: float = 0.1
     border: str = "zeros"  # how the perception sees beyond the grid: zeros | reflect | replicate | circular
-    steps: tuple[int, int] = (64, 96)  # NCA steps per iteration, drawn uniformly (inclusive)
+    train_steps: tuple[int, int] = (64, 96)  # NCA steps per training iteration, drawn uniformly (inclusive)
     pool_size: int = 1024
     damage: bool = False  # erase random circles from the best pool samples (regeneration training)
     damage_n: int = 3  # how many of the batch's lowest-loss samples get damaged
     damage_radius: tuple[float, float] = (0.1, 0.4)  # circle radius range, grid spans [-1, 1]
     loss: str = "L2"  # L1 | L2 | Manhattan | Hinge (see ncatool.image_losses)
     hinge_margin: float = 0.02  # margin of the Hinge loss
-    val_steps: int = 0  # steps grown for validation; 0 = steps[1]
+    val_steps: int = 0  # steps grown for validation, prediction and animation; 0 = train_steps[1]
     val_samples: int = 4  # seeds grown for validation
     lr: float = 2e-3  # Growing NCA
     epochs: int = 80  # 80 x 100 iterations = Growing NCA's 8000
     iters_per_epoch: int = 100  # 0 = pool_size // batch_size
     batch_size: int = 8
+
+    @classmethod
+    def translate_keys(cls, values: dict[str, Any], source: str) -> dict[str, Any]:
+        """Seed 001's settings that need more than a rename (called by :func:`ncatool.config.build_config`).
+
+        * ``iterations`` (optimiser steps) → ``epochs`` x ``iters_per_epoch``: ``iters_per_epoch``
+          as given (default 100, at most ``iterations``), ``epochs`` rounded up;
+        * ``model_path`` is dropped: ncatool writes checkpoints into the run folder (``--out``);
+        * ``device``: in a seed 001 file, a device this machine lacks (``mps`` off a Mac, ``cuda``
+          without a GPU) becomes ``auto``; where it exists it is used.
+
+        Each translation is noted in one line on stderr.
+
+        Raises:
+            NcaError: ``iterations`` together with ``epochs``, or not a positive integer.
+        """
+        if not any(k in values for k in (*SEED_001_RENAMED, *SEED_001_TRANSLATED)):
+            return values
+        from ncatool.console import info
+
+        out = dict(values)
+        notes = []
+        if "iterations" in out:
+            if "epochs" in out:
+                raise NcaError("give either seed 001's iterations or epochs, not both", source)
+            try:
+                total = int(out.pop("iterations"))
+            except (TypeError, ValueError):
+                raise NcaError("iterations must be a positive integer", source) from None
+            if total < 1:
+                raise NcaError(f"iterations must be >= 1, got {total}", source)
+            per = int(out.get("iters_per_epoch") or cls.iters_per_epoch)
+            per = min(per, total)
+            epochs = -(-total // per)
+            out["iters_per_epoch"], out["epochs"] = per, epochs
+            exact = "" if epochs * per == total else f", {epochs * per} in all"
+            notes.append(f"iterations={total} -> epochs={epochs} x iters_per_epoch={per}{exact}")
+        if "model_path" in out:
+            notes.append(
+                f"model_path={out.pop('model_path')} ignored: checkpoints go to the run folder (--out)"
+            )
+        device = str(out.get("device", "auto"))
+        if device != "auto" and not device_available(device):
+            out["device"] = "auto"
+            notes.append(f"device={device} is not available here -> auto")
+        if notes:
+            info(f"{source}: seed 001 setting(s) " + "; ".join(notes))
+        return out
 
 
 class GrowBatch(NamedTuple):
@@ -89,18 +157,54 @@ class GrowBatch(NamedTuple):
     steps: int
 
 
-def parse_filters(spec: str) -> tuple[str, ...]:
-    """``"sobel"`` or ``"sobel,laplacian"`` → a tuple of filter names, checked.
+def device_available(name: str) -> bool:
+    """Whether torch device ``name`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``) exists on this machine."""
+    kind = name.split(":")[0]
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind == "mps":
+        return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return kind == "cpu"
+
+
+def check_filters(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Perception filter names, lower-cased and checked (``filters=sobel,laplacian`` mixes two).
 
     Raises:
-        NcaError: An empty or unknown name.
+        NcaError: None given, or an unknown name.
     """
-    names = tuple(n.strip().lower() for n in spec.split(",") if n.strip())
+    names = tuple(n.strip().lower() for n in names if n.strip())
     valid = (*FIXED_FILTERS, "learned")
     bad = [n for n in names if n not in valid]
     if not names or bad:
-        raise NcaError(f"filter must be one or more of {', '.join(valid)} (comma-separated), got {spec!r}")
+        shown = ",".join(names)
+        raise NcaError(f"filters must be one or more of {', '.join(valid)} (comma-separated), got {shown!r}")
     return names
+
+
+def model_config(cfg: GrowConfig) -> NCAConfig:
+    """The Growing NCA shape of a run (a function of its config alone)."""
+    return growing_nca_config(
+        cfg.channels, cfg.hidden, check_filters(cfg.filters), cfg.fire_rate, cfg.alive_threshold, cfg.border
+    )
+
+
+def build_model(cfg: GrowConfig) -> NCA:
+    """A fresh Growing NCA on the shared core.
+
+    Raises:
+        NcaError: Inconsistent model settings.
+    """
+    try:
+        return NCA(model_config(cfg))
+    except ValueError as err:
+        raise NcaError(f"invalid model settings: {err}") from err
+
+
+def validation_steps(cfg: GrowConfig) -> int:
+    """Steps a grown sample runs in validation, ``predict`` and ``animate`` (``val_steps`` or the longest
+    training rollout)."""
+    return cfg.val_steps or cfg.train_steps[1]
 
 
 def check_grow_config(cfg: GrowConfig) -> None:
@@ -109,7 +213,7 @@ def check_grow_config(cfg: GrowConfig) -> None:
     Raises:
         NcaError: On a bad value.
     """
-    parse_filters(cfg.filter)
+    check_filters(cfg.filters)
     try:
         canonical_loss_name(cfg.loss)
     except ValueError as err:
@@ -118,9 +222,9 @@ def check_grow_config(cfg: GrowConfig) -> None:
         raise NcaError(f"channels must be >= 5 (RGB, alpha and at least one hidden), got {cfg.channels}")
     if cfg.img_size < 1 or cfg.padding < 0:
         raise NcaError(f"img_size must be >= 1 and padding >= 0, got {cfg.img_size} and {cfg.padding}")
-    lo, hi = cfg.steps
+    lo, hi = cfg.train_steps
     if not 1 <= lo <= hi:
-        raise NcaError(f"steps must be (lo, hi) with 1 <= lo <= hi, got {cfg.steps}")
+        raise NcaError(f"train_steps must be (lo, hi) with 1 <= lo <= hi, got {cfg.train_steps}")
     if cfg.pool_size < cfg.batch_size:
         raise NcaError(f"pool_size ({cfg.pool_size}) must be >= batch_size ({cfg.batch_size})")
     if cfg.border not in PADDING_MODES:
@@ -258,13 +362,9 @@ class GrowTask:
         check_grow_config(cfg)
         self.config = cfg
         self.device = device
-        self.filters = parse_filters(cfg.filter)
+        self.filters = check_filters(cfg.filters)
         self.loss_name = canonical_loss_name(cfg.loss)
         target_path = Path(cfg.data) if cfg.data else DEFAULT_TARGET
-        if not cfg.data and not target_path.is_file():
-            raise NcaError(
-                "the shipped retina target is missing (not a source checkout?); pass --data", target_path
-            )
         self.target = load_target(
             target_path,
             cfg.img_size,
@@ -278,19 +378,11 @@ class GrowTask:
         size = self.target.shape[-1]
         self.seed = make_seed(cfg.channels, size, size).to(device)
         self.pool = SamplePool(self.seed, cfg.pool_size, device)
-        self.val_steps = cfg.val_steps or cfg.steps[1]
+        self.val_steps = validation_steps(cfg)
 
     def build_model(self) -> nn.Module:
         """A fresh Growing NCA on the shared core."""
-        cfg = self.config
-        try:
-            return NCA(
-                growing_nca_config(
-                    cfg.channels, cfg.hidden, self.filters, cfg.fire_rate, cfg.alive_threshold, cfg.border
-                )
-            )
-        except ValueError as err:
-            raise NcaError(f"invalid model settings: {err}") from err
+        return build_model(self.config)
 
     def per_sample_loss(self, states: torch.Tensor) -> torch.Tensor:
         """The configured loss of each state's RGBA against the target, ``(B,)``."""
@@ -302,7 +394,7 @@ class GrowTask:
         cfg = self.config
         n = cfg.iters_per_epoch or max(1, cfg.pool_size // batch_size)
         damage_n = cfg.damage_n if cfg.damage else 0
-        lo, hi = cfg.steps
+        lo, hi = cfg.train_steps
         for _ in range(n):
             idx, states = self.pool.sample(batch_size, self.per_sample_loss, damage_n, cfg.damage_radius)
             steps = int(torch.randint(lo, hi + 1, (1,)).item())
@@ -312,7 +404,10 @@ class GrowTask:
         """Grow the batch, write it back to the pool, return the loss and the batch PSNR."""
         out = model(batch.states, batch.steps, checkpoint_every=self.config.grad_checkpoint)
         per = self.per_sample_loss(out)
-        self.pool.commit(batch.indices, out)
+        # under torchrun every rank holds the whole pool and grew its share of the batch: commit the
+        # whole batch everywhere, so the pools stay identical (and equal the single-process pool)
+        w = world()
+        self.pool.commit(w.all_gather_tensor(batch.indices), w.all_gather_tensor(out.detach()))
         with torch.no_grad():
             rgba = out[:, : ALPHA_CHANNEL + 1].detach()
             value = psnr(rgba, self.target.expand_as(rgba), max_db=100.0).mean()
@@ -367,12 +462,8 @@ class GrowTask:
 
     def extra_state(self) -> dict[str, Any]:
         """Stored in checkpoints: the model shape, the target, and (``last.pt`` only) the sample pool."""
-        cfg = self.config
-        nca = growing_nca_config(
-            cfg.channels, cfg.hidden, self.filters, cfg.fire_rate, cfg.alive_threshold, cfg.border
-        )
         return {
-            "model": nca.__dict__,
+            "model": model_config(self.config).__dict__,
             "target": self.target.cpu(),
             "resume": {"pool": self.pool.state_dict()},
         }
@@ -385,3 +476,51 @@ class GrowTask:
                 self.pool.load_state_dict(pool)
             except ValueError as err:
                 raise NcaError(f"cannot resume the sample pool: {err}") from err
+
+
+# ------------------------------------------------------------------------------------------ inference
+class GrowRunner(GenerationRunner):
+    """A trained Growing NCA: grows RGBA samples from one live cell (``sample_NNN.png``, RGB over white)."""
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, device: torch.device, amp: str = "none") -> GrowRunner:
+        """Rebuild the model from the run's config; the grid size comes from the stored target."""
+        cfg = checkpoint.config
+        model = cls.load_weights(build_model(cfg), checkpoint)  # type: ignore[arg-type]
+        target = checkpoint.task_state.get("target")
+        size = int(target.shape[-1]) if target is not None else cfg.img_size + 2 * cfg.padding  # type: ignore[attr-defined]
+        return cls(model, make_seed(cfg.channels, size, size), checkpoint, device, amp)  # type: ignore[attr-defined]
+
+    def default_steps(self) -> int:
+        """The validation steps of the run."""
+        return validation_steps(self.config)
+
+    def grow(self, n: int, steps: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``n`` grown states ``(n, C, H, W)``."""
+        return self.model(self.seeds(n), steps)
+
+    def write_samples(self, request: PredictRequest, steps: int) -> list[str]:
+        """``sample_NNN.png``: RGB composited over white."""
+        request.refuse(self.task, "labels")
+        out = self.grow(request.samples, steps)
+        return [
+            str(write_png(rgba_to_rgb(out[i, :4]), request.output / f"sample_{i:03d}.png"))
+            for i in range(len(out))
+        ]
+
+    first_hidden = ALPHA_CHANNEL + 1
+
+    def animation_start(self) -> tuple[Any, torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+        """One sample from the seed."""
+        return self.model, self.seeds(1), None, {}
+
+    def draw(self, state: torch.Tensor, hidden: int, scale: int) -> np.ndarray:
+        """RGBA over white, then ``hidden`` hidden channels, in rows of tiles."""
+        tiles = [upscale(rgba_to_rgb(state[0, :4]), scale)]
+        if hidden:
+            k0 = self.first_hidden
+            tiles += hidden_tiles(state[0, k0 : k0 + hidden].numpy(), scale)
+        return tile_grid(in_rows(tiles, TILES_PER_ROW_2D))
+
+    def columns(self, batch: int, hidden: int) -> int:
+        return min(1 + hidden, TILES_PER_ROW_2D)

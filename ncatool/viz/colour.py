@@ -38,7 +38,7 @@ def window(values: np.ndarray) -> tuple[float, float]:
     return lo, hi
 
 
-def _to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+def to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """``[lo, hi]`` → ``[0, 255]``, clipped (a flat window maps with span 1)."""
     span = hi - lo if hi > lo else 1.0
     g = np.clip((values.astype(np.float32) - lo) / span, 0.0, 1.0) * 255.0
@@ -47,13 +47,13 @@ def _to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 def gray_to_rgb(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Intensities ``(H, W)`` mapped from ``[lo, hi]`` to uint8 gray ``(H, W, 3)``."""
-    return np.repeat(_to_uint8(image, lo, hi)[..., None], 3, axis=-1)
+    return np.repeat(to_uint8(image, lo, hi)[..., None], 3, axis=-1)
 
 
 def channels_to_rgb(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """An image ``(C, H, W)`` → ``(H, W, 3)`` uint8: three channels as RGB, otherwise channel 0 as gray."""
     if image.shape[0] == 3:
-        return _to_uint8(np.moveaxis(image, 0, -1), lo, hi)
+        return to_uint8(np.moveaxis(image, 0, -1), lo, hi)
     return gray_to_rgb(image[0], lo, hi)
 
 
@@ -140,5 +140,6 @@ __all__ = [
     "overlay_labels",
     "overlay_probs",
     "rgba_to_rgb",
+    "to_uint8",
     "window",
 ]

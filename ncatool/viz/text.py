@@ -1,4 +1,5 @@
-"""The header line of an animation frame: the step label above the rendered panels."""
+"""Text on pictures: the header line of an animation frame (the step label above the rendered
+panels) and the title above a panel (the plane of a slice)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,53 @@ from ncatool.viz.grid import FRAME
 FONT_SIZE = 14
 #: Header text colour (on the frame background).
 HEADER_TEXT = (240, 240, 240)
+#: Panel titles: font size.
+TITLE_SIZE = 11
+
+
+def load_font(size: int) -> Any:
+    """Pillow's default font at ``size`` (a fixed bitmap font where FreeType is missing)."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def text_box(text: str, font: Any) -> tuple[int, int, int, int]:
+    """``(left, top, right, bottom)`` of ``text`` drawn at the origin."""
+    from PIL import Image, ImageDraw
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return int(left), int(top), math.ceil(right), math.ceil(bottom)
+
+
+def titled(
+    tile: np.ndarray,
+    text: str,
+    background: Sequence[int] = (24, 24, 24),
+    colour: Sequence[int] = HEADER_TEXT,
+    size: int = TITLE_SIZE,
+) -> np.ndarray:
+    """``tile`` ``(H, W, 3)`` uint8 with a line of ``text`` above it, left-aligned.
+
+    Returns:
+        ``(h + H, max(W, text width), 3)`` uint8; ``h`` depends only on the font, so tiles titled
+        alike stay aligned in a grid.
+    """
+    from PIL import Image, ImageDraw
+
+    font = load_font(size)
+    _, _, right, _ = text_box(text, font)
+    strip = text_box("Ag0", font)[3] + 4
+    out = np.empty((strip + tile.shape[0], max(tile.shape[1], right + 4), 3), np.uint8)
+    out[:] = tuple(background)
+    out[strip:, : tile.shape[1]] = tile if tile.ndim == 3 else tile[..., None]
+    img = Image.fromarray(out)
+    ImageDraw.Draw(img).text((2, 1), text, fill=tuple(colour), font=font)
+    return np.asarray(img)
 
 
 class FrameComposer:
@@ -27,23 +75,11 @@ class FrameComposer:
     """
 
     def __init__(self, labels: Sequence[str]) -> None:
-        from PIL import ImageFont
-
-        try:
-            self.font: Any = ImageFont.load_default(size=FONT_SIZE)
-        except (TypeError, ImportError, OSError):  # no FreeType: the fixed bitmap font
-            self.font = ImageFont.load_default()
-        boxes = [self._bbox(text) for text in [*labels, "Ag0"]]
+        self.font: Any = load_font(FONT_SIZE)
+        boxes = [text_box(text, self.font) for text in [*labels, "Ag0"]]
         self.text_w = max(b[2] - min(b[0], 0) for b in boxes) + 8
         self.header_h = max(b[3] for b in boxes) + 6
         self.size: tuple[int, int] | None = None  # (height, width) once the first frame is made
-
-    def _bbox(self, text: str) -> tuple[int, int, int, int]:
-        from PIL import Image, ImageDraw
-
-        draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=self.font)
-        return int(left), int(top), math.ceil(right), math.ceil(bottom)
 
     def compose(self, body: np.ndarray, label: str) -> np.ndarray:
         """``(H, W, 3)`` body → ``(header + H, max(W, text), 3)`` uint8 frame (later frames: cropped or
@@ -62,4 +98,4 @@ class FrameComposer:
         return np.asarray(img)
 
 
-__all__ = ["FrameComposer"]
+__all__ = ["FrameComposer", "load_font", "text_box", "titled"]

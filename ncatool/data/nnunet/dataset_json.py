@@ -31,6 +31,9 @@ from ncatool.errors import NcaError, ValidationError
 REQUIRED_KEYS: tuple[str, ...] = ("channel_names", "labels", "numTraining", "file_ending")
 #: The label name nnU-Net reserves for voxels that do not count in training.
 IGNORE_LABEL = "ignore"
+#: An extra key ``ncatool prepare`` writes: the layout the raw data came in (``"isic"``), so that a
+#: model trained on the dataset writes masks the way that layout has them (``predict --format auto``).
+SOURCE_LAYOUT_KEY = "source_layout"
 
 #: A label's value: an integer, or a tuple of integers for a region-based label.
 LabelValue = int | tuple[int, ...]

@@ -28,7 +28,7 @@ from typing import Any
 
 from ncatool import console
 from ncatool.data.io import Image, read_image, write_image
-from ncatool.data.nnunet.dataset_json import build_dataset_json, write_json
+from ncatool.data.nnunet.dataset_json import SOURCE_LAYOUT_KEY, build_dataset_json, write_json
 from ncatool.data.nnunet.layout import (
     DATASET_JSON,
     SPLITS_JSON,
@@ -199,6 +199,9 @@ def prepare_dataset(options: PrepareOptions) -> PrepareResult:
     dataset_json = build_dataset_json(
         channel_names, list(labels)[1:], len(train), name=options.name, description=options.description
     )
+    if pairing.layout == "isic":
+        # an extra key (nnU-Net ignores it): models trained on this dataset write ISIC-style PNG masks
+        dataset_json[SOURCE_LAYOUT_KEY] = "isic"
     _build(options, valid, result, dataset_json)
     return result
 
@@ -404,12 +407,17 @@ def _write_tiles(
 
 
 def _transfer(source: Path, destination: Path, link: bool, result: PrepareResult) -> None:
-    if link:
-        os.symlink(source.resolve(), destination)
-        result.files["linked"] += 1
-    else:
-        shutil.copyfile(source, destination)
-        result.files["copied"] += 1
+    try:
+        if link:
+            os.symlink(source.resolve(), destination)
+        else:
+            shutil.copyfile(source, destination)
+    except OSError as err:
+        # copyfile names the source in its error even when writing the copy failed (disk full)
+        if isinstance(err, FileNotFoundError | PermissionError) and err.filename == str(source):
+            raise
+        raise NcaError(f"cannot write: {err.strerror or err}", destination) from err
+    result.files["linked" if link else "copied"] += 1
 
 
 def _commit(tmp: Path, target: Path, overwrite: bool) -> None:

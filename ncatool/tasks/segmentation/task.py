@@ -7,11 +7,10 @@ random patches.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -26,6 +25,9 @@ from ncatool.models.segmentation import SegmentationNCA, SegModelConfig, crop, p
 class SegConfig(TrainConfig):
     """A segmentation run: data, model and loss (plus the loop settings of :class:`TrainConfig`)."""
 
+    # settings saved by an older ncatool under another name (see ncatool.config.rename_old_keys)
+    RENAMED: ClassVar[dict[str, str]] = {"padding": "border"}
+
     data: str = ""  # nnU-Net raw dataset folder (DatasetNNN_Name)
     dim: int = 2
     channels: int = 16  # state channels: image + outputs + hidden
@@ -36,7 +38,7 @@ class SegConfig(TrainConfig):
     kernels: tuple[int, ...] = (7, 3)  # learned perception kernel per level
     filters: tuple[str, ...] = ("learned",)
     fire_rate: float = 0.5
-    padding: str = "reflect"
+    border: str = "reflect"  # how the perception sees beyond the grid: zeros | reflect | replicate | circular
     patch: tuple[int, ...] = (0, 32)  # training patch per level (0 = whole); level 0 always whole
     # every case resized to this (None = keep: a batch is then cropped to its smallest case)
     target_size: tuple[int, ...] | None = (64, 64)
@@ -121,25 +123,28 @@ class SegmentationTask:
         device: Training device.
     """
 
-    score_name = "dice"
+    #: Validation Dice of items at the training resolution (see :meth:`validate`).
+    score_name = "dice_train_res"
 
     def __init__(self, cfg: SegConfig, device: torch.device) -> None:
         from ncatool.data import datasets as ds
+        from ncatool.data.loading import dataset_info, load_cases
+        from ncatool.data.splits import split_cases
 
         check_seg_task_config(cfg)
         self.config = cfg
         self.device = device
         root = Path(cfg.data)
-        info = ds.dataset_info(root)
+        info = dataset_info(root)
         self.in_channels = int(info["num_channels"])
         self.n_out = int(info["num_foreground"])
         if self.n_out < 1:
             raise NcaError("dataset.json defines no foreground label", root / "dataset.json")
         if cfg.dim == 3 and int(info["dim"]) != 3:
             raise NcaError("seg3d needs 3D volumes; this dataset holds 2D images (use seg2d)", root)
-        cases = ds.load_cases(root, split="train")
+        cases = load_cases(root, split="train")
         names = [c.name for c in cases]
-        train_names, val_names = ds.split_cases(names, cfg.val_fraction, cfg.seed)
+        train_names, val_names = split_cases(names, cfg.val_fraction, cfg.seed)
         by_name = {c.name: c for c in cases}
         data_cfg = ds.DataConfig(
             normalization=cfg.normalization,
@@ -148,7 +153,6 @@ class SegmentationTask:
             target_size=cfg.target_size,
             flip_axes=tuple(range(cfg.dim)) if cfg.augment else (),
             rot90=cfg.augment,
-            val_fraction=cfg.val_fraction,
             seed=cfg.seed,
             slice_axis=cfg.slice_axis,
         )
@@ -161,6 +165,7 @@ class SegmentationTask:
         self.patch = cfg.patch
         self.loss_fn = make_seg_loss(cfg.loss, cfg.dice_weight, cfg.focal_weight)
         self.split = {"train": list(train_names), "val": list(val_names)}
+        self.source_layout: str | None = info.get("source_layout")
 
     def model_config(self) -> SegModelConfig:
         """The model shape for this dataset."""
@@ -177,7 +182,7 @@ class SegmentationTask:
             kernels=cfg.kernels,
             filters=cfg.filters,
             fire_rate=cfg.fire_rate,
-            padding=cfg.padding,
+            padding=cfg.border,
             patch=cfg.patch,
         )
 
@@ -212,32 +217,43 @@ class SegmentationTask:
         out = model(image, patch=self.patch, checkpoint_every=self.config.grad_checkpoint)
         tgt = crop(target, out.window)
         loss = self.loss_fn(out.logits, tgt)
-        with torch.no_grad():
-            dice = dice_score(out.logits.float() > 0, tgt > 0.5)
-        return loss, {"dice": dice}
+        return loss, {}
 
     def validate(self, model: nn.Module) -> dict[str, float]:
-        """Mean Dice per foreground label over validation items (whole images, no patches).
+        """Mean Dice per foreground label over validation items at the training resolution.
 
-        Items whose reference and prediction are both empty for a label are left out of that
-        label's mean (Dice undefined), as nnU-Net and MONAI do.
+        Items are what training sees (resized to ``target_size``; slices for ``seg2d`` on volumes),
+        hence the name ``dice_train_res``; the Dice rule is :func:`ncatool.metrics.dice` (NaN when
+        reference and prediction are both empty, left out of the means), as ``ncatool eval`` uses.
+        The run's summary adds ``best_val_dice``: best.pt scored exactly as ``ncatool eval --split val``
+        scores it (:meth:`final_scores`).
         """
+        from ncatool.metrics import dice, nanmean
+
         items = self.val_set if len(self.val_set) else self.train_set
         per_label: list[list[float]] = [[] for _ in range(self.n_out)]
         for i in range(len(items)):
             image, label = items[i]
             probs = model.predict_proba(image[None].to(self.device))  # type: ignore[operator]
-            pred = probs_to_labels(probs)[0].cpu()
+            pred = probs_to_labels(probs)[0].cpu().numpy()
+            ref = label.numpy()
             for k in range(self.n_out):
-                d = _dice_or_nan(pred == k + 1, label == k + 1)
-                if not math.isnan(d):
-                    per_label[k].append(d)
-        means = [sum(v) / len(v) if v else float("nan") for v in per_label]
-        finite = [m for m in means if not math.isnan(m)]
-        out = {"dice": sum(finite) / len(finite) if finite else float("nan")}
+                per_label[k].append(dice(pred == k + 1, ref == k + 1))
+        means = [nanmean(v) for v in per_label]
+        out = {self.score_name: nanmean(means)}
         if self.n_out > 1:
-            out.update({f"dice_{k + 1}": m for k, m in enumerate(means)})
+            out.update({f"{self.score_name}_{k + 1}": m for k, m in enumerate(means)})
         return out
+
+    def final_scores(self, best: Path) -> dict[str, float]:
+        """``best_val_dice``: the validation split's foreground-mean Dice of ``best``, computed by the
+        code of ``ncatool eval --checkpoint best --split val`` (native resolution, whole cases)."""
+        from ncatool.runtime import EvalRequest, load
+
+        if not self.split.get("val"):
+            return {}
+        summary = load(best, str(self.device)).evaluate(EvalRequest(data=Path(self.config.data), split="val"))
+        return {"best_val_dice": float(summary["foreground_mean"]["Dice"])}
 
     def save_samples(self, model: nn.Module, path: Path) -> None:
         """Image, ground truth and prediction side by side for a few validation items."""
@@ -260,19 +276,9 @@ class SegmentationTask:
         return f"training patch reduced to {smaller}"
 
     def extra_state(self) -> dict[str, Any]:
-        """What predict/eval need besides weights: the model shape and the data split."""
-        return {"model": self.model_config().__dict__, "split": self.split}
-
-
-def dice_score(pred: torch.Tensor, ref: torch.Tensor) -> float:
-    """Dice over a whole batch of binary masks (1.0 when both are empty)."""
-    inter = (pred & ref).sum().item()
-    total = pred.sum().item() + ref.sum().item()
-    return 1.0 if total == 0 else 2.0 * inter / total
-
-
-def _dice_or_nan(pred: torch.Tensor, ref: torch.Tensor) -> float:
-    total = pred.sum().item() + ref.sum().item()
-    if total == 0:
-        return float("nan")
-    return 2.0 * (pred & ref).sum().item() / total
+        """What predict/eval need besides weights: the model shape, the data split and the layout the
+        dataset was prepared from (``"isic"``: predict writes ISIC-style PNG masks)."""
+        state: dict[str, Any] = {"model": self.model_config().__dict__, "split": self.split}
+        if self.source_layout:
+            state["source_layout"] = self.source_layout
+        return state

@@ -3,7 +3,9 @@
 Written the way the public PyTorch ports of Growing NCA write it (plain eager PyTorch, NCHW, one
 depthwise ``conv2d`` per Sobel kernel, ``torch.cat``, a 1x1-convolution MLP, ``torch.rand`` fire
 mask, max-pool alive mask), with no tuning of any kind. Do not optimise this file: it is the
-yardstick. It imports nothing from ``ncatool`` so that it runs in a plain PyTorch process.
+yardstick. It imports nothing from ``ncatool`` so that it runs in a plain PyTorch process (the
+worker starts as ``python -m ncatool.bench_reference``, which loads only the package's light
+``__init__``). It is part of the package so that ``ncatool bench`` runs wherever ncatool is installed.
 
 - :class:`NaiveGrowingNCA`: 16 channels, identity + Sobel x/y perception (48 features), MLP
   48 -> 128 -> 16 (last layer zero-initialised, no bias), fire rate 0.5, alive mask on channel 3.
@@ -139,7 +141,7 @@ class NaiveSeg3D(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Benchmark worker: ``python benchmarks/reference_nca.py --worker`` answers JSON lines on stdin/stdout
+# Benchmark worker: ``python -m ncatool.bench_reference --worker`` answers JSON lines on stdin/stdout
 # (the protocol of ``ncatool.bench``). It runs with PyTorch's defaults: nothing here tunes the process.
 
 
@@ -272,4 +274,4 @@ if __name__ == "__main__":
     if "--worker" in sys.argv:
         serve()
     else:
-        print("usage: python benchmarks/reference_nca.py --worker  (driven by `ncatool bench`)")
+        print("usage: python -m ncatool.bench_reference --worker  (driven by `ncatool bench`)")
