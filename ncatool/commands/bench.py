@@ -48,7 +48,7 @@ def bench(
     json_out: Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout.")] = False,
 ) -> None:
     """Time training and inference steps (cell-updates/s) and peak memory, 2D and 3D, for ncatool's
-    NCA core and the naive reference in benchmarks/ (its own plain-PyTorch subprocess), side by side.
+    NCA core and the naive reference (ncatool/bench_reference.py, its own plain-PyTorch subprocess).
 
     Same sizes, steps, threads and weights on both sides; one warm-up, then alternating runs; medians.
     """
