@@ -273,7 +273,9 @@ class _Collect:
 
 def _grow_frames(ckpt: Path, damage: bool) -> tuple[list[np.ndarray], Any]:
     torch.manual_seed(1)
-    opts = {"damage": True, "damage_at": 4, "damage_center": (8.0, 8.0), "damage_radius": 4.0} if damage else {}
+    opts = (
+        {"damage": True, "damage_at": 4, "damage_center": (8.0, 8.0), "damage_radius": 4.0} if damage else {}
+    )
     source = load_source(ckpt, AnimateRequest(steps="10", **opts), device="cpu")
     sink = _Collect()
     info = render(source, [sink], every=1, scale=2, progress=False)

@@ -53,11 +53,15 @@ def _small_tmpfs(where: Path) -> Path | None:
     where.mkdir()
     if shutil.which("mount") is None or os.geteuid() != 0:
         return None
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True
+    )
     return where if proc.returncode == 0 else None
 
 
-def test_training_on_a_full_disk_exits_2_naming_the_file(toy_dataset: Callable[..., Path], tmp_path: Path) -> None:
+def test_training_on_a_full_disk_exits_2_naming_the_file(
+    toy_dataset: Callable[..., Path], tmp_path: Path
+) -> None:
     small = _small_tmpfs(tmp_path / "small")
     if small is None:
         pytest.skip("cannot mount a small tmpfs here (the injected-error test above covers the write)")
@@ -99,7 +103,9 @@ def test_a_stop_signal_ends_at_a_safe_point_and_resumes_exactly(
     done = read_checkpoint(run / "checkpoints" / "last.pt")["run_state"]["epoch"]
     assert 1 <= done < epochs
     assert len(metrics.read_text().splitlines()) == done
-    subprocess.run([sys.executable, "-m", "ncatool", "-q", "train", "--resume", str(run)], check=True, env=env)
+    subprocess.run(
+        [sys.executable, "-m", "ncatool", "-q", "train", "--resume", str(run)], check=True, env=env
+    )
     a = read_checkpoint(full / "checkpoints" / "last.pt")["model"]
     b = read_checkpoint(run / "checkpoints" / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -121,7 +127,9 @@ def test_every_writer_on_a_full_disk_exits_2_naming_its_output(tmp_path: Path) -
     env = {**os.environ, "NCATOOL_NO_PROGRESS": "1"}
 
     def ncatool(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "ncatool", *args], capture_output=True, text=True, env=env)
+        return subprocess.run(
+            [sys.executable, "-m", "ncatool", *args], capture_output=True, text=True, env=env
+        )
 
     fixture = Path(__file__).parent / "fixtures" / "main_2f367d7"
     big = ["--cases", "4", "--size-min", "40", "--size-max", "40"]
@@ -132,7 +140,15 @@ def test_every_writer_on_a_full_disk_exits_2_naming_its_output(tmp_path: Path) -
             ["mock-data", "--out", str(small / "mock"), *big],
             ["prepare", str(raw), "--out", str(small / "nn"), "--dataset-id", "5", "--name", "F"],
             ["predict", "-c", str(fixture / "seg3d" / "last.pt"), "-i", str(raw), "-o", str(small / "pred")],
-            ["animate", "-c", str(fixture / "grow" / "last.pt"), "-o", str(small / "grow.gif"), "--steps", "40"],
+            [
+                "animate",
+                "-c",
+                str(fixture / "grow" / "last.pt"),
+                "-o",
+                str(small / "grow.gif"),
+                "--steps",
+                "40",
+            ],
         ):
             _fill(small, leave=2048)
             proc = ncatool(*args)

@@ -172,7 +172,12 @@ class GenerationRunner:
         base = self.default_steps()
         explicit = parsed[0] if parsed is not None else None
         at = request.damage_at
-        damaged = request.damage or at is not None or request.damage_center is not None or request.damage_radius is not None
+        damaged = (
+            request.damage
+            or at is not None
+            or request.damage_center is not None
+            or request.damage_radius is not None
+        )
         dmg = None
         if damaged:
             if explicit is not None:
@@ -183,7 +188,9 @@ class GenerationRunner:
                 total = at + base
             lo, hi = getattr(self.config, "damage_radius", (0.1, 0.4))
             size = (x.shape[-2], x.shape[-1])
-            dmg = resolve_damage(total, size, at, request.damage_center, request.damage_radius, (lo, hi), request.seed)
+            dmg = resolve_damage(
+                total, size, at, request.damage_center, request.damage_radius, (lo, hi), request.seed
+            )
         else:
             total = explicit if explicit is not None else base
         columns = self.columns(x.shape[0], request.hidden)
