@@ -238,6 +238,21 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Che
     )
 
 
+def load_weights(model: torch.nn.Module, checkpoint: Checkpoint) -> torch.nn.Module:
+    """``model`` (built from the checkpoint's config) with the checkpoint's weights.
+
+    Raises:
+        NcaError: The weights do not fit the model.
+    """
+    try:
+        model.load_state_dict(checkpoint.weights)
+    except (RuntimeError, KeyError) as err:
+        raise NcaError(
+            f"checkpoint weights do not fit its {checkpoint.task} model ({err})", checkpoint.path
+        ) from err
+    return model
+
+
 # --------------------------------------------------------------------------------------------------
 # What a task's runner is asked to do
 # --------------------------------------------------------------------------------------------------

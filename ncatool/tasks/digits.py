@@ -44,7 +44,7 @@ from ncatool.image_losses import canonical_loss_name, per_sample_loss
 from ncatool.models.growing import ConditionalNCA, make_seed
 from ncatool.models.nca import PADDING_MODES, NCAConfig
 from ncatool.resources import resource_path
-from ncatool.runtime import Checkpoint, PredictRequest
+from ncatool.runtime import Checkpoint, PredictRequest, load_weights
 from ncatool.tasks.generation import GenerationRunner
 from ncatool.tasks.growing import check_filters, isolated_rng
 from ncatool.viz.colour import gray_to_rgb, hidden_tiles, to_uint8
@@ -518,7 +518,7 @@ class DigitsRunner(GenerationRunner):
     def from_checkpoint(cls, checkpoint: Checkpoint, device: torch.device, amp: str = "none") -> DigitsRunner:
         """Rebuild the model from the run's config."""
         cfg = checkpoint.config
-        model = cls.load_weights(build_model(cfg), checkpoint)  # type: ignore[arg-type]
+        model = load_weights(build_model(cfg), checkpoint)  # type: ignore[arg-type]
         return cls(model, seed_state(cfg), checkpoint, device, amp)  # type: ignore[arg-type]
 
     def default_steps(self) -> int:

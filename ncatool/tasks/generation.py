@@ -48,21 +48,6 @@ class GenerationRunner:
         self.device = device
         self.amp = amp
 
-    @staticmethod
-    def load_weights(model: nn.Module, checkpoint: Checkpoint) -> nn.Module:
-        """``model`` with the checkpoint's weights.
-
-        Raises:
-            NcaError: The weights do not fit the model the run's config describes.
-        """
-        try:
-            model.load_state_dict(checkpoint.weights)
-        except (RuntimeError, KeyError) as err:
-            raise NcaError(
-                f"checkpoint weights do not fit its {checkpoint.task} model ({err})", checkpoint.path
-            ) from err
-        return model
-
     # ------------------------------------------------------------------ task specific
     def default_steps(self) -> int:
         """Steps a sample grows when ``--steps`` is not given (as validation grew them)."""

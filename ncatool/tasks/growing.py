@@ -42,7 +42,7 @@ from ncatool.models.filters import FIXED_FILTERS
 from ncatool.models.growing import ALPHA_CHANNEL, SamplePool, circle_masks, growing_nca_config, make_seed
 from ncatool.models.nca import NCA, PADDING_MODES, NCAConfig
 from ncatool.resources import resource_path
-from ncatool.runtime import Checkpoint, PredictRequest
+from ncatool.runtime import Checkpoint, PredictRequest, load_weights
 from ncatool.tasks.generation import GenerationRunner
 from ncatool.viz.colour import hidden_tiles, rgba_to_rgb
 from ncatool.viz.grid import TILES_PER_ROW_2D, in_rows, save_grid, tile_grid, upscale, write_png
@@ -486,7 +486,7 @@ class GrowRunner(GenerationRunner):
     def from_checkpoint(cls, checkpoint: Checkpoint, device: torch.device, amp: str = "none") -> GrowRunner:
         """Rebuild the model from the run's config; the grid size comes from the stored target."""
         cfg = checkpoint.config
-        model = cls.load_weights(build_model(cfg), checkpoint)  # type: ignore[arg-type]
+        model = load_weights(build_model(cfg), checkpoint)  # type: ignore[arg-type]
         target = checkpoint.task_state.get("target")
         size = int(target.shape[-1]) if target is not None else cfg.img_size + 2 * cfg.padding  # type: ignore[attr-defined]
         return cls(model, make_seed(cfg.channels, size, size), checkpoint, device, amp)  # type: ignore[attr-defined]

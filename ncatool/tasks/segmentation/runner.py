@@ -66,7 +66,7 @@ from ncatool.distributed import world
 from ncatool.errors import NcaError
 from ncatool.evaluate import EVAL_SPLITS
 from ncatool.models.segmentation import SegmentationNCA, SegModelConfig, probs_to_labels
-from ncatool.runtime import AnimateRequest, Checkpoint, EvalRequest, PredictRequest, autocast
+from ncatool.runtime import AnimateRequest, Checkpoint, EvalRequest, PredictRequest, autocast, load_weights
 from ncatool.tasks.segmentation.task import SegConfig
 
 if TYPE_CHECKING:
@@ -162,12 +162,7 @@ class SegmentationRunner:
             NcaError: The checkpoint lacks the model shape or its weights do not fit it.
         """
         model = SegmentationNCA(model_config(dict(checkpoint.task_state.get("model") or {}), checkpoint.path))
-        try:
-            model.load_state_dict(checkpoint.weights)
-        except (RuntimeError, KeyError) as err:
-            raise NcaError(
-                f"checkpoint weights do not fit its segmentation model ({err})", checkpoint.path
-            ) from err
+        load_weights(model, checkpoint)
         runner = cls(model, checkpoint.config, device, amp, path=checkpoint.path)  # type: ignore[arg-type]
         runner.split = dict(checkpoint.task_state.get("split") or {})
         runner.source_layout = checkpoint.task_state.get("source_layout")
