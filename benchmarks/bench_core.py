@@ -43,13 +43,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch3d", type=int)
     ap.add_argument("--only", action="append", help="infer2d, train2d, infer3d, train3d")
     ap.add_argument("--variant", action="append", help="fp32, bf16, fp32+ckpt1, ...")
+    ap.add_argument("--gpu-sizes", action="store_true", help="GPU-sized cases (see ncatool bench)")
+    ap.add_argument("--no-roofline", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--json", action="store_true", help="print the JSON report on stdout")
     args = ap.parse_args(argv)
 
     workloads = default_workloads(
-        args.quick, args.size2d, args.batch2d, args.steps2d, args.size3d, args.batch3d
+        args.quick, args.size2d, args.batch2d, args.steps2d, args.size3d, args.batch3d, gpu=args.gpu_sizes
     )
     if args.only:
         workloads = [w for w in workloads if w.kind in set(args.only)]
@@ -64,11 +66,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         device=args.device,
         memory=not args.no_memory,
         timing=not args.no_timing,
+        roofline=not args.no_roofline,
         progress=lambda msg: print(msg, file=sys.stderr, flush=True),
     )
     from rich.console import Console
 
-    Console(stderr=True, width=120).print(format_report(report))
+    Console(stderr=True, width=140).print(format_report(report))
     if args.json:
         print(json.dumps(report, indent=2))
     return report

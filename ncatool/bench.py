@@ -3,32 +3,48 @@
 What is compared
     - *naive*: :mod:`ncatool.bench_reference`, plain PyTorch written the way the public ports write
       Growing NCA (and a two-level M3D-NCA counterpart), run in **its own subprocess** with PyTorch's
-      defaults: none of ncatool's process-wide settings (allocator, environment) reach it;
-      ``GLIBC_TUNABLES``/``THP_MEM_ALLOC_ENABLE``/``MALLOC_*`` are removed from its environment.
+      defaults, as ports run it: none of ncatool's process-wide settings (allocator, environment)
+      reach it; ``GLIBC_TUNABLES``/``THP_MEM_ALLOC_ENABLE``/``MALLOC_*`` are removed from its
+      environment.
+    - *naive-tuned*: the same reference in another subprocess given exactly ncatool's allocator
+      tuning (:func:`ncatool.perf.tune_malloc`, ncatool's environment). ncatool against *naive* is
+      what a user of a port gains by switching; against *naive-tuned* it is the step's own gain
+      (glibc's defaults alone cost a plain PyTorch NCA 2-3x on CPU).
     - *ncatool*: :class:`ncatool.models.nca.NCA` / :class:`~ncatool.models.segmentation.SegmentationNCA`
       run **in this process** with ncatool's settings (:func:`ncatool.perf.tune_process`), in one or
       more *variants*: ``fp32``, ``bf16`` (autocast), ``+ckptN`` (gradient checkpointing every N steps).
-    Both get the same sizes, steps, thread count, seed and weights (copied from the ncatool model into
+    All get the same sizes, steps, thread count, seed and weights (copied from the ncatool model into
     the reference), so they compute the same trajectory in float32.
 
 Speed
     Cell-updates/s = cells x steps / wall seconds of one run (3D: summed over levels). A training run
     is forward through all steps, loss, backward and an Adam step; an inference run is the forward
-    under ``no_grad``. One warm-up run each is excluded; then the naive and the ncatool variants run
-    in turn (alternating) ``repeats`` times and the median is reported. CPU seconds are recorded too:
-    on a shared machine ``cpu / wall`` well under the thread count shows the run was starved.
+    under ``no_grad``. One warm-up run each is excluded; then naive, naive-tuned and the ncatool
+    variants run in turn (interleaved) ``repeats`` times and the median is reported. CPU seconds are
+    recorded too: on a shared machine ``cpu / wall`` well under the thread count shows the run was
+    starved.
+
+Roofline
+    Before the timing, :func:`ncatool.roofline.measure_ceilings` measures this machine's float32 and
+    bf16 matrix-product ceilings and its copy bandwidth (a few seconds; ``roofline=False`` skips it);
+    every result then carries its multiply-adds and bytes per cell-update and the fraction of its
+    roof it reached (see :mod:`ncatool.roofline` for the work model).
 
 Memory
     Each (workload, implementation) runs once more in a **fresh** subprocess: setup, a tiny warm-up
     (so library code is paged in), then one run. Peak memory = ``ru_maxrss`` after the run minus the
     resident set just before it: the run's own working memory, including allocator fragmentation
-    and caching (the naive process uses glibc's defaults, ncatool its tuned allocator). On CUDA it is
-    ``torch.cuda.max_memory_allocated`` over the run.
+    and caching (the naive process uses glibc's defaults, ncatool its tuned allocator; naive-tuned
+    is timed only). On CUDA the timing phase already records ``torch.cuda.max_memory_allocated``
+    over each run minus what was allocated before it (the largest over the repeats), and the memory
+    phase, if run, replaces it with the same from a fresh process. A CUDA run that runs out of
+    memory is reported as such (``error``) instead of ending the benchmark.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -39,7 +55,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ncatool.errors import NcaError
 
@@ -54,6 +70,9 @@ TARGET_SIZES = {
     "train3d": [((32, 32, 32), 2, (10, 10)), ((64, 64, 64), 2, (10, 10))],
 }
 _STRIP_ENV = ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD", "NCATOOL_MALLOPT")
+#: The two baselines: the reference as ports run it, and the same given ncatool's allocator tuning.
+NAIVE, NAIVE_TUNED = "naive", "naive-tuned"
+BASELINES = (NAIVE, NAIVE_TUNED)
 
 
 @dataclass(frozen=True)
@@ -109,6 +128,12 @@ class Workload:
             coarse *= s // 2
         return coarse * self.steps[0] + cells * self.steps[1]
 
+    def work(self) -> tuple[float, float]:
+        """``(multiply-adds, bytes)`` per cell-update (:func:`ncatool.roofline.work_per_cell_update`)."""
+        from ncatool.roofline import work_per_cell_update
+
+        return work_per_cell_update(self.kind, self.size, self.batch, self.steps)
+
     def spec(self, device: str, seed: int) -> dict[str, Any]:
         """The JSON spec both workers understand."""
         steps: Any = self.steps[0] if self.dim == 2 else list(self.steps)
@@ -130,13 +155,16 @@ def default_workloads(
     steps2d: int | None = None,
     sizes3d: Sequence[int] | None = None,
     batch3d: int | None = None,
+    gpu: bool = False,
 ) -> list[Workload]:
-    """The issue's cases (or small ones with ``quick``), with optional overrides.
+    """The issue's cases (or small ones with ``quick``, or GPU-sized ones), with optional overrides.
 
     Full: 2D 64x64, batch 8, 64 steps (inference, training); 3D two levels, 10+10 steps, batch 2:
     inference at the largest 3D size, training timed at the smallest and its memory at every size
-    (32^3 and 64^3).
+    (32^3 and 64^3). ``gpu``: see :func:`gpu_workloads` (the overrides do not apply).
     """
+    if gpu:
+        return gpu_workloads()
     s2 = size2d or (32 if quick else 64)
     b2 = batch2d or (4 if quick else 8)
     n2 = steps2d or (16 if quick else 64)
@@ -154,6 +182,20 @@ def default_workloads(
     return out
 
 
+def gpu_workloads() -> list[Workload]:
+    """GPU-sized cases: 2D 256x256, batch 32 (inference 64 steps; training 32 steps: the naive
+    reference keeps ~0.9 KB per cell-step for its backward, 58 GB at 32 steps, 115 GB at 64); 3D two
+    levels, 10+10 steps: 128^3 batch 2 inference and training, and a 256^3 M3D-NCA inference."""
+    train = ("fp32", "bf16", "fp32+ckpt1", "bf16+ckpt1")
+    return [
+        Workload("infer2d", (256, 256), 32, (64,)),
+        Workload("train2d", (256, 256), 32, (32,), variants=train),
+        Workload("infer3d", (128,) * 3, 2, (10, 10)),
+        Workload("train3d", (128,) * 3, 2, (10, 10), variants=train),
+        Workload("infer3d", (256,) * 3, 1, (10, 10)),
+    ]
+
+
 def fused_kernels_available() -> bool:
     """Whether the fast step runs on the compiled CPU kernels here (:mod:`ncatool.models.kernels`)."""
     from ncatool.models import kernels
@@ -161,16 +203,34 @@ def fused_kernels_available() -> bool:
     return kernels.library() is not None
 
 
-def parse_variant(name: str) -> tuple[str, int]:
-    """``"bf16+ckpt2"`` → ``("bf16", 2)``.
+class Variant(NamedTuple):
+    """An ncatool variant: ``amp`` (``fp32`` or ``bf16``), checkpointing ``every`` N steps (0: off),
+    ``compiled`` (the ``"compiled"`` backend, :mod:`ncatool.models.compiled_step`)."""
+
+    amp: str
+    every: int
+    compiled: bool
+
+
+def parse_variant(name: str) -> Variant:
+    """``"bf16+ckpt2"`` → ``Variant("bf16", 2, False)``; ``"bf16+compile"`` → ``("bf16", 0, True)``.
 
     Raises:
         NcaError: Unknown variant.
     """
-    base, _, rest = name.partition("+")
-    if base not in ("fp32", "bf16") or (rest and not (rest.startswith("ckpt") and rest[4:].isdigit())):
-        raise NcaError(f"unknown variant {name!r}: use fp32 or bf16, optionally +ckptN")
-    return base, int(rest[4:]) if rest else 0
+    base, *parts = name.split("+")
+    every, compiled = 0, False
+    ok = base in ("fp32", "bf16") and len(parts) == len(set(p[:4] for p in parts))
+    for part in parts:
+        if part == "compile":
+            compiled = True
+        elif part.startswith("ckpt") and part[4:].isdigit():
+            every = int(part[4:])
+        else:
+            ok = False
+    if not ok:
+        raise NcaError(f"unknown variant {name!r}: use fp32 or bf16, optionally +ckptN and/or +compile")
+    return Variant(base, every, compiled)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,7 +315,7 @@ def build_fast(spec: dict[str, Any], variant: str) -> tuple[Any, Callable[[], An
     """ncatool's model for ``spec`` and a ``run()`` closure, as ``bench_reference.build_workload``."""
     import torch
 
-    amp, every = parse_variant(variant)
+    amp, every, compiled = parse_variant(variant)
     device = torch.device(spec.get("device", "cpu"))
     torch.manual_seed(int(spec.get("seed", 0)))
     batch, size, steps = int(spec["batch"]), [int(s) for s in spec["size"]], spec["steps"]
@@ -280,6 +340,10 @@ def build_fast(spec: dict[str, Any], variant: str) -> tuple[Any, Callable[[], An
             if name.endswith("fc1.weight"):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     model.to(device)
+    if compiled:
+        from ncatool.models.nca import set_backend
+
+        set_backend(model, "compiled")
     x0, target = x0.to(device), target.to(device)
     train = spec["mode"] == "train"
     opt = torch.optim.Adam(model.parameters(), lr=1e-3) if train else None
@@ -308,16 +372,38 @@ def build_fast(spec: dict[str, Any], variant: str) -> tuple[Any, Callable[[], An
 
 
 def _timed(run: Callable[[], Any], device: str) -> dict[str, float]:
+    """Wall and CPU seconds of one ``run()``; on CUDA also ``cuda_peak``, the most memory allocated
+    during the run beyond what was allocated before it.
+
+    Raises:
+        _OutOfMemory: The run ran out of GPU memory (the cache is emptied first).
+    """
     import torch
 
     cuda = device.startswith("cuda")
+    before = 0
     if cuda:
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     t0, c0 = time.perf_counter(), time.process_time()
-    run()
+    try:
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+    except torch.cuda.OutOfMemoryError as err:
+        torch.cuda.empty_cache()
+        raise _OutOfMemory(f"out of memory: {str(err)[:300]}") from err
+    out = {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
     if cuda:
-        torch.cuda.synchronize()
-    return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+        out["cuda_peak"] = float(torch.cuda.max_memory_allocated() - before)
+        # Up to three processes share the GPU (naive, naive-tuned, this one), each with its own
+        # caching allocator: a process whose cache holds over a quarter of the GPU gives it back
+        # after the run (outside the timed region; the same rule in the reference's worker).
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        if torch.cuda.memory_reserved() > 0.25 * total:
+            torch.cuda.empty_cache()
+    return out
 
 
 def serve() -> None:
@@ -347,39 +433,57 @@ def serve() -> None:
             tiny_run()
         elif cmd == "run":
             assert run is not None
-            cuda = spec.get("device", "cpu").startswith("cuda")
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
             import gc
 
             gc.collect()
             reply["peak_reset"] = ref._reset_peak()
             before = ref._rss_bytes()
-            reply.update(_timed(run, spec.get("device", "cpu")))
-            reply.update(rss_before=before, maxrss=ref._maxrss_bytes())
-            if cuda:
-                reply["cuda_peak"] = torch.cuda.max_memory_allocated()
+            try:
+                reply.update(_timed(run, spec.get("device", "cpu")))
+                reply.update(rss_before=before, maxrss=ref._maxrss_bytes())
+            except _OutOfMemory as err:
+                reply = {"ok": False, "oom": True, "error": str(err)}
         elif cmd == "quit":
             print(json.dumps(reply), flush=True)
             return
         print(json.dumps(reply), flush=True)
 
 
+def serve_tuned_reference() -> None:
+    """The naive reference's worker given ncatool's allocator tuning (``naive-tuned``): the tuning
+    first (before ``import torch``, as ncatool's commands do), then the reference's own worker."""
+    from ncatool.perf import tune_malloc
+
+    tuned = tune_malloc()
+    _import_reference().serve(extra={"malloc_tuned": tuned})
+
+
 # --------------------------------------------------------------------------------------------------
 # subprocess workers
 
 
+class _OutOfMemory(NcaError):
+    """A benchmark run ran out of (GPU) memory: reported for that implementation, not fatal."""
+
+
 class _Worker:
-    """A benchmark worker subprocess speaking JSON lines."""
+    """A benchmark worker subprocess speaking JSON lines.
+
+    ``impl``: ``naive`` (the reference, glibc's defaults, ncatool's tuning stripped from the
+    environment), ``naive-tuned`` (the reference in ncatool's environment with its allocator
+    tuning) or ``ncatool``.
+    """
 
     def __init__(self, impl: str) -> None:
         env = dict(os.environ)
-        if impl == "naive":
+        if impl == NAIVE:
             for key in list(env):
                 if key in _STRIP_ENV or key.startswith("MALLOC_"):
                     env.pop(key)
             # the reference imports nothing from ncatool: the worker runs on PyTorch's defaults
             args = [sys.executable, "-m", "ncatool.bench_reference", "--worker"]
+        elif impl == NAIVE_TUNED:
+            args = [sys.executable, "-m", "ncatool.bench", "--tuned-reference"]
         else:
             args = [sys.executable, "-m", "ncatool.bench", "--worker"]
         # stderr to a file, not a pipe: a chatty worker must not block on a full pipe
@@ -401,6 +505,8 @@ class _Worker:
             self.log.seek(0)
             raise NcaError(f"benchmark worker died: {self.log.read().strip()[-2000:]}")
         reply: dict[str, Any] = json.loads(line)
+        if reply.get("oom"):
+            raise _OutOfMemory(str(reply.get("error")))
         if not reply.get("ok"):
             raise NcaError(f"benchmark worker: {reply.get('error')}")
         return reply
@@ -427,15 +533,24 @@ class Measurement:
     workload: str
     kind: str
     impl: str  # naive | ncatool
-    variant: str  # naive | fp32 | bf16 | ...
+    variant: str  # naive | naive-tuned | fp32 | bf16 | ...
     cell_updates: int
     wall_s: list[float] = field(default_factory=list)
     cpu_s: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
+    error: str | None = None  # e.g. out of GPU memory: no (further) runs
 
     @property
     def median_wall(self) -> float | None:
         return statistics.median(self.wall_s) if self.wall_s else None
+
+    def record(self, got: dict[str, Any]) -> None:
+        """Add one timed run (``wall``, ``cpu``, on CUDA ``cuda_peak``: the largest is kept)."""
+        self.wall_s.append(float(got["wall"]))
+        self.cpu_s.append(float(got["cpu"]))
+        if "cuda_peak" in got:
+            peak = int(got["cuda_peak"]) - int(got.get("cuda_before", 0))
+            self.peak_bytes = max(self.peak_bytes or 0, peak)
 
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
@@ -453,6 +568,24 @@ def _load() -> list[float] | None:
         return None
 
 
+def _roofline_columns(row: dict[str, Any], w: Workload, ceilings: dict[str, Any]) -> None:
+    """Add the work model and the fraction of the roof reached to a result ``row``."""
+    from ncatool.roofline import roof
+
+    macs, nbytes = w.work()
+    bf16 = row["variant"].startswith("bf16")
+    flops = ceilings["bf16_flops" if bf16 else "fp32_flops"]
+    top, bound = roof(macs, nbytes, flops, ceilings["bandwidth"])
+    rate = row["cell_updates_per_s"]
+    row.update(
+        macs_per_cell_update=macs,
+        bytes_per_cell_update=nbytes,
+        roof_cell_updates_per_s=top,
+        roof_bound=bound,
+        roofline_fraction=rate / top if rate else None,
+    )
+
+
 def run_benchmarks(
     workloads: Sequence[Workload],
     repeats: int = 3,
@@ -462,26 +595,31 @@ def run_benchmarks(
     timing: bool = True,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
-    settle: float = 1.0,
+    settle: float | None = None,
+    roofline: bool = True,
 ) -> dict[str, Any]:
-    """Measure every workload for the naive reference and ncatool's variants.
+    """Measure every workload for both baselines (naive, naive-tuned) and ncatool's variants.
 
     Args:
         workloads: Cases (see :func:`default_workloads`).
         repeats: Timed runs per implementation (median reported), after one warm-up.
-        threads: Intra-op threads for both sides (None: this process's current count).
+        threads: Intra-op threads for every side (None: this process's current count).
         device: ``cpu`` or ``cuda[:N]``.
         memory: Run the fresh-process memory phase.
-        timing: Run the alternating timing phase.
+        timing: Run the interleaved timing phase.
         seed: Seed for weights and inputs.
         progress: Called with a short line before each step.
-        settle: Seconds to wait before each timed run. The OpenMP threads of the process that just
-            ran keep spinning for a while; without the pause they take a core from the next run
-            (measured: 64x64x8 inference 10 s instead of 0.2 s right after the other process).
+        settle: Seconds to wait before each timed run (None: 1 on CPU, 0.2 on CUDA). The OpenMP
+            threads of the process that just ran keep spinning for a while; without the pause they
+            take a core from the next run (measured: 64x64x8 inference 10 s instead of 0.2 s right
+            after the other process).
+        roofline: Measure the machine's ceilings first and report each result's roofline fraction.
 
     Returns:
-        A JSON-ready dict: ``machine``, ``config``, ``results`` (one per workload and
-        implementation), ``ratios`` (ncatool variant vs naive) and ``targets``.
+        A JSON-ready dict: ``machine``, ``config``, ``roofline`` (the ceilings, or None),
+        ``results`` (one per workload and implementation), ``ratios`` (every ncatool variant and
+        naive-tuned against naive: ``speedup``; ncatool against naive-tuned: ``speedup_tuned``)
+        and ``targets``.
     """
     from ncatool.perf import tune_process
 
@@ -491,14 +629,24 @@ def run_benchmarks(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise NcaError("--device cuda: CUDA is not available here")
     threads = torch.get_num_threads()
+    cuda = device.startswith("cuda")
+    if settle is None:
+        settle = 0.2 if cuda else 1.0
     say = progress or (lambda _msg: None)
     load_before = _load()
+    ceilings = None
+    if roofline:
+        from ncatool.roofline import measure_ceilings
+
+        say("roofline: matrix-product ceilings and copy bandwidth")
+        ceilings = measure_ceilings(device)
     results: dict[tuple[str, str], Measurement] = {}
+    tuned_reference: bool | None = None
 
     def entry(w: Workload, variant: str) -> Measurement:
         key = (w.label, variant)
         if key not in results:
-            impl = "naive" if variant == "naive" else "ncatool"
+            impl = "naive" if variant in BASELINES else "ncatool"
             results[key] = Measurement(w.label, w.kind, impl, variant, w.cell_updates)
         return results[key]
 
@@ -512,50 +660,65 @@ def run_benchmarks(
             weights[w.label] = str(path)
 
         if timing:
-            naive = _Worker("naive")
+            naive = {b: _Worker(b) for b in BASELINES}
             try:
                 for w in (w for w in workloads if w.time):
                     spec = w.spec(device, seed)
                     say(f"timing {w.label}: setup")
-                    naive.request(cmd="setup", spec=spec, threads=threads, weights=weights[w.label])
+                    for b, worker in naive.items():
+                        got = worker.request(
+                            cmd="setup", spec=spec, threads=threads, weights=weights[w.label]
+                        )
+                        if b == NAIVE_TUNED:
+                            tuned_reference = bool(got.get("malloc_tuned"))
                     fast = {v: build_fast(spec, v)[1] for v in w.variants}
-                    naive.request(cmd="run")  # warm-up
-                    for run in fast.values():
-                        _timed(run, device)
-                    for r in range(repeats):
-                        say(f"timing {w.label}: repeat {r + 1}/{repeats}")
-                        time.sleep(settle)
-                        got = naive.request(cmd="run")
-                        m = entry(w, "naive")
-                        m.wall_s.append(got["wall"])
-                        m.cpu_s.append(got["cpu"])
-                        for v, run in fast.items():
-                            time.sleep(settle)
-                            t = _timed(run, device)
-                            m = entry(w, v)
-                            m.wall_s.append(t["wall"])
-                            m.cpu_s.append(t["cpu"])
-                    del fast
+                    sides: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+                        (b, functools.partial(worker.request, cmd="run")) for b, worker in naive.items()
+                    ]
+                    sides += [(v, functools.partial(_timed, run, device)) for v, run in fast.items()]
+                    for r in range(repeats + 1):  # the first round is the warm-up
+                        say(f"timing {w.label}: " + ("warm-up" if r == 0 else f"repeat {r}/{repeats}"))
+                        for name, timed in sides:
+                            m = entry(w, name)
+                            if m.error:
+                                continue
+                            if r:
+                                time.sleep(settle)
+                            try:
+                                got = timed()
+                            except _OutOfMemory as err:
+                                m.error = str(err)
+                                say(f"timing {w.label}: {name} {m.error[:80]}")
+                                continue
+                            if r:
+                                m.record(got)
+                    del fast, sides
+                    if cuda:
+                        torch.cuda.empty_cache()
             finally:
-                naive.close()
+                for worker in naive.values():
+                    worker.close()
 
         if memory:
             for w in (w for w in workloads if w.memory):
                 spec = w.spec(device, seed)
-                for v in ("naive", *w.variants):
+                for v in (NAIVE, *w.variants):
                     say(f"memory {w.label}: {v}")
-                    worker = _Worker("naive" if v == "naive" else "ncatool")
+                    worker = _Worker(NAIVE if v == NAIVE else "ncatool")
+                    m = entry(w, v)
                     try:
                         worker.request(
                             cmd="setup", spec=spec, threads=threads, weights=weights[w.label], variant=v
                         )
                         worker.request(cmd="warmup")
                         got = worker.request(cmd="run")
+                    except _OutOfMemory as err:
+                        m.error = m.error or str(err)
+                        continue
                     finally:
                         worker.close()
-                    m = entry(w, v)
                     if "cuda_peak" in got:
-                        m.peak_bytes = int(got["cuda_peak"])
+                        m.peak_bytes = int(got["cuda_peak"]) - int(got.get("cuda_before", 0))
                     else:
                         m.peak_bytes = max(0, int(got["maxrss"]) - int(got["rss_before"]))
     finally:
@@ -563,50 +726,84 @@ def run_benchmarks(
             f.unlink()
         tmp.rmdir()
 
-    rows = [m.summary() for m in results.values()]
+    by_label = {w.label: w for w in workloads}
+    rows = []
+    for m in results.values():
+        row = m.summary()
+        if ceilings is not None:
+            _roofline_columns(row, by_label[m.workload], ceilings)
+        rows.append(row)
     ratios = []
     for w in workloads:
-        base = results.get((w.label, "naive"))
+        base, tuned = results.get((w.label, NAIVE)), results.get((w.label, NAIVE_TUNED))
         if base is None:
             continue
-        for v in w.variants:
+
+        def speed(ref: Measurement | None, m: Measurement) -> float | None:
+            if ref is None or not ref.median_wall or not m.median_wall:
+                return None
+            return ref.median_wall / m.median_wall
+
+        for v in (NAIVE_TUNED, *w.variants):
             m = results.get((w.label, v))
             if m is None:
                 continue
-            speed = base.median_wall / m.median_wall if base.median_wall and m.median_wall else None
             mem = m.peak_bytes / base.peak_bytes if m.peak_bytes and base.peak_bytes else None
-            ratios.append(
-                {"workload": w.label, "kind": w.kind, "variant": v, "speedup": speed, "memory_ratio": mem}
-            )
+            ratio = {"workload": w.label, "kind": w.kind, "variant": v, "speedup": speed(base, m)}
+            if v != NAIVE_TUNED:
+                ratio["speedup_tuned"] = speed(tuned, m)
+            ratio["memory_ratio"] = mem
+            ratios.append(ratio)
     targets = []
     at_size = {
         w.label for w in workloads if (tuple(w.size), w.batch, tuple(w.steps)) in TARGET_SIZES.get(w.kind, [])
     }
     for kind, (what, bound) in TARGETS.items():
-        cands = [r for r in ratios if r["kind"] == kind and r["workload"] in at_size]
+        cands = [
+            r
+            for r in ratios
+            if r["kind"] == kind and r["workload"] in at_size and r["variant"] != NAIVE_TUNED
+        ]
         key = "speedup" if what == "speedup" else "memory_ratio"
         for r in cands:
             value = r[key]
             if value is None:
                 continue
             met = value >= bound if what == "speedup" else value <= bound
-            targets.append(
-                {"workload": r["workload"], "variant": r["variant"], what: value, "bound": bound, "met": met}
-            )
+            target = {
+                "workload": r["workload"],
+                "variant": r["variant"],
+                what: value,
+                "bound": bound,
+                "met": met,
+            }
+            if what == "speedup":
+                target["speedup_tuned"] = r.get("speedup_tuned")
+            targets.append(target)
+    machine = {
+        "device": device,
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "malloc_tuned": settings["malloc_tuned"],
+        "naive_tuned_malloc": tuned_reference,
+        "fused_kernels": fused_kernels_available() if not cuda else None,  # CPU kernels only
+        "glibc": settings["glibc"],
+        "load_before": load_before,
+        "load_after": _load(),
+        "python": sys.version.split()[0],
+    }
+    if cuda:
+        machine["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        machine["cuda"] = torch.version.cuda
+        # cuDNN's default lets the naive reference's convolutions (its 1x1 MLP too) run in TF32
+        machine["tf32"] = {
+            "matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+            "cudnn": bool(torch.backends.cudnn.allow_tf32),
+        }
     return {
-        "machine": {
-            "device": device,
-            "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cores": os.cpu_count(),
-            "threads": threads,
-            "malloc_tuned": settings["malloc_tuned"],
-            "fused_kernels": fused_kernels_available(),
-            "glibc": settings["glibc"],
-            "load_before": load_before,
-            "load_after": _load(),
-            "python": sys.version.split()[0],
-        },
+        "machine": machine,
         "config": {
             "repeats": repeats,
             "seed": seed,
@@ -614,6 +811,7 @@ def run_benchmarks(
             "workloads": [asdict(w) for w in workloads],
         },
         "macs_per_cell_step_2d": MACS_GROWING,
+        "roofline": ceilings,
         "results": rows,
         "ratios": ratios,
         "targets": targets,
@@ -621,26 +819,45 @@ def run_benchmarks(
 
 
 def format_report(report: dict[str, Any]) -> Any:
-    """A Rich table of the report (one row per workload and implementation)."""
+    """A Rich table of the report (one row per workload and implementation).
+
+    ``vs naive``: speed-up against the naive reference as ports run it (glibc's defaults); ``vs
+    tuned``: against the same reference given ncatool's allocator tuning (the step's own gain); the
+    naive-tuned row's ``vs naive`` is what the tuning alone gives the reference. ``roofline``: the
+    fraction of the roof reached, ``c`` compute-bound or ``m`` bandwidth-bound (:mod:`ncatool.roofline`).
+    """
     from rich.table import Table
 
     mach = report["machine"]
+    where = mach.get("gpu") or mach["device"]
     title = (
-        f"ncatool bench: {mach['device']}, {mach['threads']} threads, torch {mach['torch']}, "
+        f"ncatool bench: {where}, {mach['threads']} threads, torch {mach['torch']}, "
         f"load {mach['load_before']} -> {mach['load_after']} ({mach['cores']} cores)"
     )
-    table = Table(title=title)
+    ceil = report.get("roofline")
+    caption = None
+    if ceil:
+        caption = (
+            f"roofline: float32 products {ceil['fp32_flops'] / 1e9:,.0f} GFLOP/s, bf16 "
+            f"{ceil['bf16_flops'] / 1e9:,.0f} GFLOP/s, copy {ceil['bandwidth'] / 1e9:,.1f} GB/s "
+            f"(measured in {ceil['seconds']:.1f} s); roofline = achieved / min(compute, bandwidth x "
+            "intensity), c/m: compute- or memory-bound"
+        )
+    table = Table(title=title, caption=caption)
     for col in (
         "workload",
         "impl",
-        "M cell-upd/s",
+        "M upd/s",
         "median s",
         "cpu/wall",
         "peak MB",
-        "speed-up",
+        "vs naive",
+        "vs tuned",
         "mem ratio",
+        "roofline",
     ):
-        table.add_column(col, justify="left" if col in ("workload", "impl") else "right")
+        left = col in ("workload", "impl")
+        table.add_column(col, justify="left" if left else "right", no_wrap=left)
     ratio = {(r["workload"], r["variant"]): r for r in report["ratios"]}
     for row in report["results"]:
         rate = row["cell_updates_per_s"]
@@ -648,15 +865,18 @@ def format_report(report: dict[str, Any]) -> Any:
         cpu = row["median_cpu_s"]
         r = ratio.get((row["workload"], row["variant"]), {})
         util = f"{cpu / med:.2f}" if cpu and med else ""
+        frac = row.get("roofline_fraction")
         table.add_row(
             row["workload"],
-            row["variant"] if row["impl"] == "ncatool" else "naive",
-            f"{rate / 1e6:.2f}" if rate else "",
+            row["variant"],
+            f"{rate / 1e6:.2f}" if rate else ("OOM" if row.get("error") else ""),
             f"{med:.3f}" if med else "",
             util,
             f"{row['peak_bytes'] / 2**20:.0f}" if row["peak_bytes"] is not None else "",
             f"{r['speedup']:.2f}x" if r.get("speedup") else "",
+            f"{r['speedup_tuned']:.2f}x" if r.get("speedup_tuned") else "",
             f"{r['memory_ratio']:.2f}" if r.get("memory_ratio") else "",
+            f"{frac:.0%} {row['roof_bound'][0]}" if frac else "",
         )
     return table
 
@@ -664,3 +884,5 @@ def format_report(report: dict[str, Any]) -> Any:
 if __name__ == "__main__":
     if "--worker" in sys.argv:
         serve()
+    elif "--tuned-reference" in sys.argv:
+        serve_tuned_reference()

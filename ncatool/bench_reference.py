@@ -220,8 +220,9 @@ def _maxrss_bytes() -> int:
     return int(rss) if sys.platform == "darwin" else int(rss) * 1024
 
 
-def serve() -> None:
-    """Answer benchmark requests, one JSON object per line, until ``{"cmd": "quit"}``."""
+def serve(extra: dict | None = None) -> None:
+    """Answer benchmark requests, one JSON object per line, until ``{"cmd": "quit"}``; ``extra`` is
+    added to every reply (what the process that started the worker set up)."""
     import json
     import sys
     import time
@@ -231,7 +232,7 @@ def serve() -> None:
     for line in sys.stdin:
         req = json.loads(line)
         cmd = req["cmd"]
-        reply: dict = {"ok": True}
+        reply: dict = {"ok": True, **(extra or {})}
         if cmd == "setup":
             spec = req["spec"]
             torch.set_num_threads(int(req["threads"]))
@@ -247,19 +248,30 @@ def serve() -> None:
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+                reply["cuda_before"] = torch.cuda.memory_allocated()
             import gc
 
             gc.collect()
             reply["peak_reset"] = _reset_peak()
             before = _rss_bytes()
             t0, c0 = time.perf_counter(), time.process_time()
-            run()
+            try:
+                run()
+                if cuda:
+                    torch.cuda.synchronize()
+            except torch.cuda.OutOfMemoryError as err:
+                reply = {"ok": False, "oom": True, "error": f"out of memory: {str(err)[:300]}"}
+            else:
+                reply.update(wall=time.perf_counter() - t0, cpu=time.process_time() - c0)
+                reply.update(rss_before=before, maxrss=_maxrss_bytes())
             if cuda:
-                torch.cuda.synchronize()
-            reply.update(wall=time.perf_counter() - t0, cpu=time.process_time() - c0)
-            reply.update(rss_before=before, maxrss=_maxrss_bytes())
-            if cuda:
-                reply["cuda_peak"] = torch.cuda.max_memory_allocated()
+                if reply["ok"]:
+                    reply["cuda_peak"] = torch.cuda.max_memory_allocated()
+                # the other benchmark processes share this GPU: give large caches back (the same
+                # rule as ncatool.bench._timed)
+                total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+                if not reply["ok"] or torch.cuda.memory_reserved() > 0.25 * total:
+                    torch.cuda.empty_cache()
         elif cmd == "quit":
             print(json.dumps(reply), flush=True)
             return

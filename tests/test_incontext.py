@@ -155,12 +155,12 @@ def test_training_memory_does_not_grow_with_k_when_chunked() -> None:
 
 def test_an_untrained_model_outputs_its_prior_and_any_k_runs() -> None:
     torch.manual_seed(0)
-    model = _model(levels=1, steps=(3,), kernels=(3,)).eval()
-    q = torch.randn(3, 1, 12, 12)
-    for k in (1, 7):
-        stats = model.context_stats(torch.randn(3, k, 1, 12, 12), (torch.rand(3, k, 1, 12, 12) > 0.5).float())
-        logits, bayes = model.segment(q, stats)  # type: ignore[misc]
-        torch.testing.assert_close(logits, bayes)  # the rule's last layer starts at zero
+    for model in (_model(levels=1, steps=(3,), kernels=(3,)), _model()):  # one level, two levels
+        q = torch.randn(3, 1, 12, 12)
+        for k in (1, 7):
+            masks = (torch.rand(3, k, 1, 12, 12) > 0.5).float()
+            logits, bayes = model.eval().segment(q, model.context_stats(torch.randn(3, k, 1, 12, 12), masks))  # type: ignore[misc]
+            torch.testing.assert_close(logits, bayes)  # the rule's last layer starts at zero
 
 
 # ---------------------------------------------------------------------------------------------- episodes
@@ -370,3 +370,17 @@ def test_mock_data_shape_labels_give_one_label_per_shape_class(tmp_path: Path) -
         gt = read_image(Path(rec["label"])).array
         present = {int(v) for v in np.unique(gt)} - {0}
         assert present == {1 + ["disk", "square"].index(s) for s in rec["shapes"]}
+
+
+def test_predict_one_label_with_an_ensemble_writes_its_std_map(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "p"
+    r = _invoke("predict", "-c", str(trained["ckpt"]), "--context", str(trained["ds"]), "--context-size", "2",
+                "--labels", "2", "--ensemble", "2", "-i", str(trained["ds"] / "imagesTr"), "-o", str(out), "--json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["labels"] == {"2": "box"} and len(result["context_cases"]["box"]) == 2
+    assert all(row["quality"] is not None for row in result["cases"])
+    assert set(np.unique(read_image(out / "c000.nii.gz").array)) <= {0, 2}
+    assert read_image(out / "c000_std.nii.gz").array.shape == (20, 20)

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ncatool import perf
+from ncatool import bench, perf, roofline
 from ncatool.bench import (
+    MACS_GROWING,
     Workload,
     _import_reference,
     growing_config,
@@ -204,28 +205,89 @@ def test_bucket_rounds_up_a_little() -> None:
 
 
 def test_parse_variant() -> None:
-    assert parse_variant("fp32") == ("fp32", 0)
-    assert parse_variant("bf16+ckpt2") == ("bf16", 2)
-    with pytest.raises(NcaError):
-        parse_variant("fp8")
+    assert parse_variant("fp32") == ("fp32", 0, False)
+    assert parse_variant("bf16+ckpt2") == ("bf16", 2, False)
+    assert parse_variant("bf16+compile+ckpt1") == ("bf16", 1, True)
+    for bad in ("fp8", "fp32+ckpt", "fp32+compile+compile", "fp32+fast"):
+        with pytest.raises(NcaError):
+            parse_variant(bad)
 
 
-def test_bench_report_has_expected_keys() -> None:
+def test_bench_report_has_expected_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    # both baselines interleaved, the roofline columns (ceilings fixed here: measure_ceilings has
+    # its own test), and a variant that runs out of GPU memory reported instead of ending the run
+    ceilings = {"fp32_flops": 100e9, "bf16_flops": 400e9, "bandwidth": 10e9, "seconds": 0.0}
+    monkeypatch.setattr(roofline, "measure_ceilings", lambda device: ceilings)
+    real_build = bench.build_fast
+
+    def build(spec: dict, variant: str) -> tuple:
+        model, run = real_build(spec, variant)
+        if variant == "bf16":
+
+            def run() -> None:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+        return model, run
+
+    monkeypatch.setattr(bench, "build_fast", build)
     work = [
         Workload("train2d", (8, 8), 1, (2,), variants=("fp32",)),
-        Workload("infer3d", (8, 8, 8), 1, (1, 1), memory=False, variants=("fp32",)),
+        Workload("infer3d", (8, 8, 8), 1, (1, 1), memory=False, variants=("fp32", "bf16")),
     ]
-    report = run_benchmarks(work, repeats=1, threads=1)
-    assert {"machine", "config", "results", "ratios", "targets"} <= set(report)
+    report = run_benchmarks(work, repeats=1, threads=1, settle=0.0)
+    assert {"machine", "config", "roofline", "results", "ratios", "targets"} <= set(report)
     assert {"threads", "load_before", "load_after", "malloc_tuned", "device"} <= set(report["machine"])
+    if perf._glibc() is not None:
+        assert report["machine"]["naive_tuned_malloc"] is True
     rows = {(r["workload"], r["variant"]): r for r in report["results"]}
     train = rows[("train2d 8^2 b1 s2", "fp32")]
     assert train["cell_updates_per_s"] > 0 and train["peak_bytes"] is not None
     assert rows[("train2d 8^2 b1 s2", "naive")]["peak_bytes"] is not None
     assert rows[("infer3d 8^3 b1 s1+1", "naive")]["cell_updates_per_s"] > 0
+    assert rows[("infer3d 8^3 b1 s1+1", "naive-tuned")]["cell_updates_per_s"] > 0
+    assert rows[("train2d 8^2 b1 s2", "naive-tuned")]["impl"] == "naive"
+    oom = rows[("infer3d 8^3 b1 s1+1", "bf16")]
+    assert "out of memory" in oom["error"] and oom["cell_updates_per_s"] is None
+    # roofline: 2D training 3 x 0.5 x 8,480 MACs and 5 x 16 x 4 bytes per cell-update; the roof is
+    # min(100e9 / (2 x 12,720), 10e9 / 320) = 3.93 M cell-updates/s, compute-bound
+    assert train["macs_per_cell_update"] == 3 * 0.5 * MACS_GROWING and train["bytes_per_cell_update"] == 320
+    assert train["roof_bound"] == "compute"
+    assert train["roofline_fraction"] == pytest.approx(train["cell_updates_per_s"] / (100e9 / (2 * 12_720)))
     ratio = {(r["workload"], r["variant"]): r for r in report["ratios"]}
-    assert ratio[("train2d 8^2 b1 s2", "fp32")]["speedup"] > 0
-    assert "memory_ratio" in ratio[("train2d 8^2 b1 s2", "fp32")]  # None when a peak rounds to 0
+    r = ratio[("train2d 8^2 b1 s2", "fp32")]
+    assert r["speedup"] > 0 and r["speedup_tuned"] > 0
+    assert "memory_ratio" in r  # None when a peak rounds to 0
+    naive, tuned = rows[("train2d 8^2 b1 s2", "naive")], rows[("train2d 8^2 b1 s2", "naive-tuned")]
+    # the two ratios answer two questions about the same ncatool run
+    expected = r["speedup"] * tuned["median_wall_s"] / naive["median_wall_s"]
+    assert r["speedup_tuned"] == pytest.approx(expected)
+    assert ratio[("train2d 8^2 b1 s2", "naive-tuned")]["speedup"] > 0
+    assert ratio[("infer3d 8^3 b1 s1+1", "bf16")]["speedup"] is None
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(bench.format_report(report))
+    text = console.export_text()
+    assert "naive-tuned" in text and "OOM" in text and "vs tuned" in text
+
+
+def test_work_per_cell_update_counts_fired_cells_and_perception() -> None:
+    macs, nbytes = roofline.work_per_cell_update("infer2d", (64, 64), 8, (64,))
+    assert macs == 0.5 * (16 * 2 * 9 + 48 * 128 + 128 * 16) and nbytes == 2 * 16 * 4
+    # 3D: level 0 (7^3 filters) on 32^3 x 10 steps, level 1 (3^3) on 64^3 x 10 steps
+    macs, nbytes = roofline.work_per_cell_update("train3d", (64, 64, 64), 2, (10, 10))
+    mlp = 48 * 64 + 64 * 15
+    coarse, fine = 2 * 32**3 * 10, 2 * 64**3 * 10
+    level = (coarse * (16 * 2 * 343 + mlp) + fine * (16 * 2 * 27 + mlp)) / (coarse + fine)
+    assert macs == pytest.approx(3 * 0.5 * level) and nbytes == 5 * 16 * 4
+    assert roofline.roof(1000, 100, 2e12, 1e9) == (1e7, "memory")
+    assert roofline.roof(1000, 100, 2e9, 1e12) == (1e6, "compute")
+
+
+def test_measure_ceilings_small() -> None:
+    got = roofline.measure_ceilings("cpu", runs=2, mm_size=64, copy_numel=4096)
+    assert got["fp32_flops"] > 0 and got["bf16_flops"] > 0 and got["bandwidth"] > 0
+    assert got["mm_size"] == 64 and got["threads"] == 1
 
 
 def test_tune_malloc_is_a_noop_without_glibc(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,7 +25,7 @@ def _train_cmd(data: Path, out: Path, epochs: int) -> list[str]:
         sys.executable, "-m", "ncatool", "-q", "train", "--task", "seg2d", "--data", str(data),
         "--epochs", str(epochs), "--seed", "3", "--out", str(out),
         "--set", "target_size=16,16", "--set", "steps=4,4", "--set", "hidden=16", "--set", "channels=8",
-        "--set", "patch=0,8", "--set", "samples=0", "--set", "iters_per_epoch=40", "--batch-size", "2",
+        "--set", "patch=0,8", "--set", "samples=0", "--set", "iters_per_epoch=12", "--batch-size", "2",
     ]  # fmt: skip
 
 

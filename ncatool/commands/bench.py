@@ -42,15 +42,32 @@ def bench(
         list[str] | None,
         typer.Option("--variant", help="ncatool variants, repeatable: fp32, bf16, fp32+ckpt1, ..."),
     ] = None,
+    gpu_sizes: Annotated[
+        bool,
+        typer.Option(
+            "--gpu-sizes",
+            help="GPU-sized cases: 2D 256^2 x 32 (inference 64 steps, training 32), 3D 128^3 x 2 "
+            "inference and training, 256^3 x 1 inference (size and batch options do not apply).",
+        ),
+    ] = False,
+    no_roofline: Annotated[
+        bool,
+        typer.Option(
+            "--no-roofline", help="Skip measuring the machine's ceilings (and the roofline fractions)."
+        ),
+    ] = False,
     no_memory: Annotated[bool, typer.Option("--no-memory", help="Skip the memory phase.")] = False,
     no_timing: Annotated[bool, typer.Option("--no-timing", help="Skip the timing phase.")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the JSON report here.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout.")] = False,
 ) -> None:
     """Time training and inference steps (cell-updates/s) and peak memory, 2D and 3D, for ncatool's
-    NCA core and the naive reference (ncatool/bench_reference.py, its own plain-PyTorch subprocess).
+    NCA core and the naive reference (ncatool/bench_reference.py, in its own plain-PyTorch
+    subprocess: as ports run it, and again with ncatool's allocator tuning).
 
-    Same sizes, steps, threads and weights on both sides; one warm-up, then alternating runs; medians.
+    Same sizes, steps, threads and weights on every side; one warm-up, then interleaved runs;
+    medians. First measures the machine's matrix-product ceilings and copy bandwidth and reports
+    each result as a fraction of its roofline.
     """
     import dataclasses
     import json
@@ -59,7 +76,7 @@ def bench(
     from ncatool.console import emit_json, err, info, state, warn
     from ncatool.errors import NcaError
 
-    workloads = default_workloads(quick, size2d, batch2d, steps2d, size3d, batch3d)
+    workloads = default_workloads(quick, size2d, batch2d, steps2d, size3d, batch3d, gpu=gpu_sizes)
     if only:
         kinds = {k.strip() for item in only for k in item.split(",") if k.strip()}
         unknown = kinds - {"infer2d", "train2d", "infer3d", "train3d"}
@@ -79,6 +96,7 @@ def bench(
         memory=not no_memory,
         timing=not no_timing,
         progress=None if state.quiet else info,
+        roofline=not no_roofline,
     )
     mach = report["machine"]
     if mach["load_before"] and mach["cores"] and max(mach["load_before"][0], mach["load_after"][0]) > 0.5:
@@ -93,7 +111,7 @@ def bench(
     if not state.quiet:
         from rich.console import Console
 
-        Console(stderr=True, highlight=False, width=max(err.width, 120)).print(format_report(report))
+        Console(stderr=True, highlight=False, width=max(err.width, 140)).print(format_report(report))
         if not report["targets"]:
             info("(the issue's targets are defined at the full sizes: run without --quick to check them)")
         for t in report["targets"]:
@@ -101,8 +119,13 @@ def bench(
             value = t.get("speedup", t.get("memory"))
             mark = "[green]met[/green]" if t["met"] else "[red]missed[/red]"
             sign = ">=" if what == "speedup" else "<="
+            tuned = f", {t['speedup_tuned']:.2f} vs naive-tuned" if t.get("speedup_tuned") else ""
             err.print(
                 f"target {t['workload']} {t['variant']}: {what} {value:.2f} ({sign} {t['bound']}) {mark}"
+                f"{tuned}"
             )
+        for row in report["results"]:
+            if row.get("error"):
+                warn(f"{row['workload']} {row['variant']}: {row['error']}")
     if json_out:
         emit_json(report)

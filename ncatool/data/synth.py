@@ -8,11 +8,13 @@ Each synthetic case is drawn from one label map in this order:
    each side) and a smooth elastic field (Gaussian noise of standard deviation ``2 voxels × deform``
    on a grid 8 voxels apart, upsampled cubically), resampled with nearest neighbours; the grid,
    spacing, origin and direction stay the label map's;
-2. **intensities** from a random mixture: every label value (background included) has a Gaussian of
-   mean ``U(0, 1)`` and standard deviation ``U(0.01, 0.08)``. The mixture is drawn once for the whole
-   set from the seed (one "contrast", so that a structure looks alike in every case, as in a real
-   dataset of one modality) and jittered per case (means ``± N(0, 0.03)``); ``per_case=True`` draws a
-   new mixture for every case (SynthSeg's domain randomisation);
+2. **intensities** from a random mixture: every label value (background included) has a Gaussian
+   whose mean is one of evenly spaced levels in [0.05, 0.95], in a random order and jittered by a
+   quarter of the spacing (so no structure vanishes into another), and standard deviation
+   ``U(0.01, 0.08)``. The mixture is drawn once for the whole set from the seed (one "contrast", so
+   that a structure looks alike in every case, as in a real dataset of one modality) and jittered
+   per case (means ``± N(0, 0.03)``); ``per_case=True`` draws a new mixture for every case
+   (SynthSeg's domain randomisation);
 3. a smooth multiplicative **bias field** (:func:`ncatool.data.mock.bias_field`, strength ``bias``);
 4. **blur** to a random resolution: a Gaussian of standard deviation ``U(0, blur)`` voxels per axis;
 5. Gaussian **noise** of standard deviation ``U(0, noise)``;
@@ -49,10 +51,15 @@ class Mixture:
 
     @staticmethod
     def draw(rng: np.random.Generator, values: Sequence[int]) -> Mixture:
-        """A random mixture for label ``values`` (background included)."""
+        """A random mixture for label ``values`` (background included): the means are evenly spaced
+        levels in [0.05, 0.95] in a random order, each moved by up to a quarter of the spacing, so
+        that every structure differs from every other (none vanishes into the background)."""
+        values = [int(v) for v in values]
+        gap = 0.9 / max(len(values) - 1, 1)
+        levels = 0.05 + gap * rng.permutation(len(values)) + rng.uniform(-gap / 4, gap / 4, len(values))
         return Mixture(
-            {int(v): float(rng.uniform(0.0, 1.0)) for v in values},
-            {int(v): float(rng.uniform(0.01, 0.08)) for v in values},
+            {v: float(m) for v, m in zip(values, levels, strict=True)},
+            {v: float(rng.uniform(0.01, 0.08)) for v in values},
         )
 
     def jittered(self, rng: np.random.Generator, sd: float = 0.03) -> Mixture:

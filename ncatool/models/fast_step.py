@@ -59,12 +59,17 @@ class FastOptions:
             is the GPU variant (every cell, update multiplied by the mask).
         chunk_rows: Rows per chunk in the recomputing backward (bounds its hidden activations).
         onednn: oneDNN's matmul for the MLP on CPU where it works (else ``addmm``).
+        compiler: ``torch.compile`` backend of the ``"compiled"`` NCA backend
+            (:mod:`ncatool.models.compiled_step`).
+        compile_mode: ``torch.compile`` mode there (None: its default).
     """
 
     kernels: bool = True
     gather: bool | None = None
     chunk_rows: int = 8192
     onednn: bool = True
+    compiler: str = "inductor"
+    compile_mode: str | None = None
 
 
 def bucket(n: int) -> int:

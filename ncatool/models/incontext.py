@@ -4,7 +4,7 @@ Given k context pairs (image, binary mask) of a task and a query image, the mode
 structure in the query. Nothing about the task is in the weights; everything comes from the context,
 through sums over the pairs, so any k works and memory does not grow with k::
 
-    f      = softmax(encoder(filters(image)))         # per cell: soft assignment to K clusters
+    f      = softmax(encoder(filters(image)) + bins(image))  # per cell: soft assignment to K clusters
     S      = sum over pairs of  [sum f·m, sum f·(1-m), sum m, sum (1-m), m]     (ContextStats)
     p_fg   = S.fg / S.fg_n,  p_bg = S.bg / S.bg_n     # cluster histograms of the structure and the rest
     priors = [ log <f_q, p_fg> - log <f_q, p_bg> + log(pi / (1 - pi)),           # naive Bayes logit
@@ -15,13 +15,16 @@ through sums over the pairs, so any k works and memory does not grow with k::
     logits = NCA levels (coarse, then fine, as Med-NCA), each step conditioned on ``code``
 
 * ``filters`` are fixed multi-scale filters (intensity, gradient magnitude and Laplacian of the image
-  area-downscaled by each of ``scales``); the per-cell encoder on top is learned end to end.
+  area-downscaled by each of ``scales``); the per-cell encoder on top is learned end to end. ``bins``
+  adds a fixed soft binning of the intensity (weight learned), so the clusters start as intensity
+  bins of any contrast instead of a uniform assignment.
 * Because ``f`` sums to 1 per cell, ``p_fg`` is a histogram over clusters, and ``<f_q, p_fg>`` is the
   likelihood of a query cell's appearance under the structure: a background made of several kinds of
   tissue stays several modes, which a single mean-feature prototype would blur into one.
 * The output channel starts at the Bayes logit, and the update rule's last layer starts at zero
   (:class:`ncatool.models.nca.UpdateRule`), so an untrained model already outputs the prior; the NCA
-  learns to correct it with shape and neighbourhood.
+  learns to correct it with shape and neighbourhood. A finer level starts from the coarser level's
+  output plus the detail of the prior the coarser level could not see, so thin structures survive.
 * Context in chunks (as Neuroverse3D): :meth:`InContextNCA.context_stats` encodes the pairs ``chunk``
   at a time and only the last ``chunk`` pairs keep gradients, so training memory is bounded by the
   chunk, not by k. At inference the stats of each case are computed once and summed.
@@ -255,6 +258,9 @@ class InContextNCA(nn.Module):
             nn.ReLU(),
             conv(cfg.encoder_hidden, cfg.clusters, 1),
         )
+        # the fixed intensity bins of encode(): levels in z-score units, and their learned weight
+        self.register_buffer("levels_buffer", torch.linspace(-2.5, 2.5, cfg.clusters))
+        self.bins = nn.Parameter(torch.tensor(1.0))
         self.code = nn.Linear(2 * cfg.clusters + 1, cfg.code_dim) if cfg.code_dim else None
         base = NCAConfig(
             channels=cfg.channels,
@@ -270,8 +276,18 @@ class InContextNCA(nn.Module):
 
     # ------------------------------------------------------------------ context
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """Soft cluster assignment of every cell: ``(N, C, *S)`` → ``(N, K, *S)``, summing to 1."""
-        return torch.softmax(self.encoder(self.filters(image)).float(), dim=1)
+        """Soft cluster assignment of every cell: ``(N, C, *S)`` → ``(N, K, *S)``, summing to 1.
+
+        The logits are the learned encoder's plus ``bins`` × a fixed soft binning of the mean
+        intensity (Gaussian bumps on evenly spaced levels of the z-scored image), so that an untrained
+        model already pools intensity histograms of any contrast, and training refines them.
+        """
+        logits = self.encoder(self.filters(image)).float()
+        x = image.float().mean(dim=1, keepdim=True)
+        view = (1, -1, *([1] * (image.dim() - 2)))
+        levels = self.levels_buffer.view(view)
+        width = float(self.levels_buffer[1] - self.levels_buffer[0])
+        return torch.softmax(logits - self.bins * (x - levels).pow(2) / (2 * width**2), dim=1)
 
     def pair_stats(self, images: torch.Tensor, masks: torch.Tensor) -> ContextStats:
         """Stats of ``n`` pairs per batch entry: images ``(B, n, C, *S)``, masks ``(B, n, 1, *S)`` in [0, 1]."""
@@ -342,17 +358,20 @@ class InContextNCA(nn.Module):
         code = self.task_code(stats)
         pyramid = image_pyramid(fixed, cfg.levels, cfg.scale)
         nfix = cfg.fixed_channels
+        bayes = cfg.in_channels + cfg.priors.index("bayes") if "bayes" in cfg.priors else None
         state = fixed.new_zeros(0)
         states: list[torch.Tensor] = []
         for level, nca in enumerate(self.levels):
             fix = pyramid[level]
             if level == 0:
                 rest = fix.new_zeros((fix.shape[0], cfg.channels - nfix, *fix.shape[2:]))
-                if "bayes" in cfg.priors:  # the output starts as the prior (an untrained model outputs it)
-                    start = cfg.in_channels + cfg.priors.index("bayes")
-                    rest[:, 0] = fix[:, start]
+                if bayes is not None:  # the output starts as the prior (an untrained model outputs it)
+                    rest[:, 0] = fix[:, bayes]
             else:
                 rest = F.interpolate(state[:, nfix:], size=fix.shape[2:], mode="nearest")
+                if bayes is not None:  # the prior's detail the coarser level could not see (thin parts)
+                    coarse = F.interpolate(pyramid[level - 1][:, bayes : bayes + 1], size=fix.shape[2:])
+                    rest[:, :1] += fix[:, bayes : bayes + 1] - coarse
             state = torch.cat([fix, rest], dim=1)
             check_level_size(state.shape[2:], cfg.kernels[level], cfg.padding, level)
             if return_states and level == len(self.levels) - 1:

@@ -16,7 +16,8 @@ What runs the step is a setting, ``NCA.backend``: ``"reference"`` runs the step 
 ``"fast"`` runs :mod:`ncatool.models.fast_step` (channels-last rows, only the fired cells through
 the MLP, fused C++ operators on CPU: the same result to float32 rounding, from the same random
 draws; its docstring has the measurements); ``"auto"`` (the default) is fast on CPU and CUDA and
-the reference elsewhere. :func:`set_backend` sets it on every NCA inside a model.
+the reference elsewhere; ``"compiled"`` runs the reference step through ``torch.compile``
+(:mod:`ncatool.models.compiled_step`, for GPUs). :func:`set_backend` sets it on every NCA in a model.
 
 :meth:`NCA.rollout` yields the state after every step (animation); ``forward(..., step_budget=n)``
 runs each step in slabs of about ``n`` bytes of temporaries (:mod:`ncatool.models.slabs`), for
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from ncatool.models.fast_step import FastOptions
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-BACKENDS = ("auto", "reference", "fast")
+BACKENDS = ("auto", "reference", "fast", "compiled")
 FAST_DEVICES = ("cpu", "cuda")  # "auto" runs the fast step there (CUDA: the masked, sync-free variant)
 MEMORY_FORMATS = {2: torch.channels_last, 3: torch.channels_last_3d}  # the fast step's layout
 
@@ -239,7 +240,7 @@ class NCA(nn.Module):
 
     Args:
         cfg: Its :class:`NCAConfig`.
-        backend: What runs a step: ``"auto"``, ``"reference"`` or ``"fast"`` (see the module doc).
+        backend: What runs a step: ``"auto"``, ``"reference"``, ``"fast"`` or ``"compiled"`` (module doc).
         fast_options: Settings of the fast step (:class:`ncatool.models.fast_step.FastOptions`);
             None for its defaults.
     """
@@ -281,6 +282,10 @@ class NCA(nn.Module):
     ) -> torch.Tensor:
         if self.cfg.cond_channels and cond is None:
             raise ValueError("this NCA is conditional: pass cond of shape (B, cond_channels)")
+        if self.backend == "compiled":
+            from ncatool.models.compiled_step import compiled_step
+
+            return compiled_step(self, x, cond, fire)
         if not self.runs_fast(x):
             return self.reference_step(x, cond, fire)
         from ncatool.models.fast_step import fast_step  # imported late: it builds on this module
@@ -382,7 +387,7 @@ def _checked_backend(name: str) -> str:
 
 
 def set_backend(module: nn.Module, backend: str, fast_options: FastOptions | None = None) -> int:
-    """Set ``backend`` (``"auto"``, ``"reference"``, ``"fast"``) and the fast step's options
+    """Set ``backend`` (one of :data:`BACKENDS`) and the fast step's options
     (:class:`ncatool.models.fast_step.FastOptions`, None: defaults) on every :class:`NCA` inside
     ``module`` (an NCA, a segmentation model ...); returns how many it set."""
     _checked_backend(backend)

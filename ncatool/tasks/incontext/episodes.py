@@ -240,16 +240,44 @@ class EpisodeSampler:
         return Episode(task, query, [int(c) for c in context])
 
 
+def boundary(masks: torch.Tensor) -> torch.Tensor:
+    """The cells of binary ``masks (N, 1, *S)`` that touch the outside (face or corner neighbours)."""
+    import torch.nn.functional as F
+
+    pool = F.max_pool2d if masks.dim() == 4 else F.max_pool3d
+    return masks * pool(1.0 - masks, 3, stride=1, padding=1)
+
+
+def remap_intensities(images: torch.Tensor, rng: np.random.Generator, knots: int = 7) -> torch.Tensor:
+    """One random contrast for all ``images (N, C, *S)`` (z-scored): a piecewise-linear curve through
+    ``knots`` random values on [-3, 3], not necessarily monotonic, then each image z-scored again."""
+    ys = torch.from_numpy(rng.normal(0.0, 1.0, knots).astype(np.float32))
+    x = images.clamp(-3.0, 3.0)
+    pos = (x + 3.0) / 6.0 * (knots - 1)
+    lo = pos.floor().clamp(max=knots - 2).long()
+    frac = pos - lo
+    out = ys[lo] * (1 - frac) + ys[lo + 1] * frac
+    flat = out.flatten(1)
+    mean, std = flat.mean(1), flat.std(1).clamp(min=1e-6)
+    view = (-1, *([1] * (images.dim() - 1)))
+    return (out - mean.view(view)) / std.view(view)
+
+
 def episode_tensors(
     datasets: Sequence[LoadedDataset],
     episodes: Sequence[Episode],
     rng: np.random.Generator | None = None,
+    boundary_prob: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack episodes of one k into a batch, augmented when ``rng`` is given.
 
     Augmentation: every pair and the query are flipped along each axis with probability 0.5 (so a
-    copied context mask does not fit the query), and with probability 0.5 a whole episode's
-    intensities are negated (a new task: the same structures with another contrast).
+    copied context mask does not fit the query); a whole episode gets a new contrast (a new task: the
+    same structures, other intensities) with probability 0.5 by :func:`remap_intensities`, else
+    with probability 0.25 its intensities are negated; with probability ``boundary_prob`` its task
+    becomes the structures' boundary (:func:`boundary`: thin and hollow shapes, which the labels of
+    the training data may never show; the model must then read the task from the masks, not only from
+    the intensities).
 
     Returns:
         ``query (B, C, *S)``, ``query mask (B, 1, *S)``, ``context (B, k, C, *S)``,
@@ -262,6 +290,8 @@ def episode_tensors(
         images = ds.images[idx].clone()
         masks = torch.stack([ds.mask(i, ep.task.labels) for i in idx])[:, None]
         if rng is not None:
+            if rng.random() < boundary_prob:
+                masks = boundary(masks)
             nd = masks.dim() - 2
             for j in range(len(idx)):
                 axes = [1 + a for a in range(nd) if rng.random() < 0.5]  # spatial axes of (C, *S)
@@ -269,6 +299,8 @@ def episode_tensors(
                     images[j] = images[j].flip(axes)
                     masks[j] = masks[j].flip(axes)
             if rng.random() < 0.5:
+                images = remap_intensities(images, rng)
+            elif rng.random() < 0.5:
                 images = -images
         queries.append(images[0])
         qmasks.append(masks[0])

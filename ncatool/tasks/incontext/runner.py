@@ -35,7 +35,7 @@ from ncatool.data.loading import CaseData, CaseRecord, NnUNetDataset, load_case
 from ncatool.data.transforms import resize_image, resize_label
 from ncatool.errors import NcaError
 from ncatool.models.incontext import ContextStats, InContextModelConfig, InContextNCA, feature_stats
-from ncatool.runtime import AnimateRequest, Checkpoint, EvalRequest, PredictRequest, autocast
+from ncatool.runtime import AnimateRequest, Checkpoint, EvalRequest, PredictRequest, autocast, load_weights
 from ncatool.tasks.segmentation.runner import CasePrediction, SegmentationRunner, _welford
 
 #: Random context draws per query and context size in ``eval``.
@@ -114,11 +114,11 @@ class InContextRunner(SegmentationRunner):
                 **{k: tuple(v) if isinstance(v, list) else v for k, v in shape.items()}
             )
             model = InContextNCA(cfg)
-            model.load_state_dict(checkpoint.weights)
-        except (TypeError, ValueError, RuntimeError, KeyError) as err:
+        except (TypeError, ValueError) as err:
             raise NcaError(
-                f"checkpoint does not hold a valid in-context model ({err})", checkpoint.path
+                f"checkpoint does not describe an in-context model ({err})", checkpoint.path
             ) from err
+        load_weights(model, checkpoint)
         size = tuple(int(s) for s in state.get("target_size") or ())
         if len(size) != cfg.dim:
             raise NcaError("checkpoint stores no target_size", checkpoint.path)

@@ -6,7 +6,9 @@ in two stages, as Neuroverse3D does: stage 1 with ``context_size`` (3) pairs per
 (``--set stage=2 --init STAGE1/checkpoints/best.pt``) draws k from 1..``k_max`` for half of the
 batches (else ``context_size``) at 0.2 × the learning rate unless ``lr`` is set. The context is
 encoded ``context_chunk`` pairs at a time, only the last chunk with gradients, so memory does not
-grow with k (:meth:`ncatool.models.incontext.InContextNCA.context_stats`).
+grow with k (:meth:`ncatool.models.incontext.InContextNCA.context_stats`). Task augmentation
+(``augment``): a random contrast for half of the episodes, and for ``boundary_tasks`` of them the
+structure's boundary as the task (:func:`.episodes.episode_tensors`).
 
 Loss: Dice+Focal on the NCA's logits plus ``aux_weight`` × BCE on the naive Bayes prior (it trains
 the encoder directly; the NCA starts from that prior). Validation: Dice of fixed episodes whose
@@ -73,7 +75,8 @@ class InContextConfig(TrainConfig):
     ct_window: tuple[float, float] = (-1000.0, 400.0)
     val_fraction: float = 0.2  # cases per dataset kept for validation queries
     val_episodes: int = 48  # fixed validation episodes (spread over the tasks)
-    augment: bool = True  # flips per image, intensity negation per episode
+    augment: bool = True  # flips per image; a random contrast (or negation) per episode
+    boundary_tasks: float = 0.25  # share of episodes whose task is the structure's boundary (augment)
     clusters: int = 16  # K soft feature clusters: bins of the context histograms
     encoder_hidden: int = 32  # width of the per-cell encoder on the fixed multi-scale filters
     scales: tuple[int, ...] = (1, 2, 4)  # downscaling factors of the fixed filters
@@ -92,6 +95,7 @@ class InContextConfig(TrainConfig):
     loss: str = "dicefocal"  # dicefocal | dice | focal | bce
     aux_weight: float = 0.5  # weight of the BCE on the naive Bayes prior
     batch_size: int = 8
+    plateau_patience: int = 20  # validation episodes are few: their Dice is noisy
     lr: float = 2e-3  # Adam; stage 2 runs at stage2_lr_factor x this unless lr is set
     epochs: int = 30
     iters_per_epoch: int = DEFAULT_ITERS
@@ -120,7 +124,7 @@ def check_incontext_config(cfg: InContextConfig) -> None:
         raise NcaError(f"stage must be 1 or 2, got {cfg.stage}")
     if cfg.context_size < 1 or cfg.k_max < 1 or cfg.context_chunk < 0 or cfg.max_union < 1:
         raise NcaError("context_size, k_max and max_union must be >= 1, context_chunk >= 0")
-    for name in ("variable_k", "union_prob"):
+    for name in ("variable_k", "union_prob", "boundary_tasks"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise NcaError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
     if cfg.dim not in (0, 2, 3):
@@ -282,7 +286,9 @@ class InContextTask:
         for _ in range(iters):
             k = draw_k(cfg, rng)
             episodes = [self.sampler.draw(rng, k) for _ in range(batch_size)]
-            tensors = episode_tensors(self.datasets, episodes, rng if cfg.augment else None)
+            tensors = episode_tensors(
+                self.datasets, episodes, rng if cfg.augment else None, cfg.boundary_tasks
+            )
             yield tuple(t.to(self.device) for t in tensors)  # type: ignore[misc]
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
