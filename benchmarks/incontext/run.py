@@ -31,7 +31,7 @@ activation memory a training step keeps for backward at k = 2 and k = 16 (chunke
 
 Usage::
 
-    .venv/bin/python benchmarks/incontext/run.py            # about 14 min on 2 idle cores
+    .venv/bin/python benchmarks/incontext/run.py            # 12 min on 2 cores (others' jobs running)
     .venv/bin/python benchmarks/incontext/run.py --quick    # a minute: checks the script runs
 
 Results: ``benchmarks/results/incontext/results.json`` and a Markdown table on stdout.
@@ -191,11 +191,11 @@ def saved_bytes(model: Any, k: int, chunk: int, size: tuple[int, int]) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "incontext")
-    parser.add_argument("--stage1-epochs", type=int, default=80, help="in-context stage 1 (20 steps each)")
-    parser.add_argument("--stage2-epochs", type=int, default=25, help="in-context stage 2 (20 steps each)")
+    parser.add_argument("--stage1-epochs", type=int, default=60, help="in-context stage 1 (20 steps each)")
+    parser.add_argument("--stage2-epochs", type=int, default=15, help="in-context stage 2 (20 steps each)")
     parser.add_argument("--seg-steps", type=int, default=120, help="(i): steps per task, k and draw")
-    parser.add_argument("--seg-draws", type=int, default=2, help="(i): draws trained (of the 5)")
-    parser.add_argument("--upper-steps", type=int, default=600, help="(iv): steps per task")
+    parser.add_argument("--seg-draws", type=int, default=1, help="(i): draws trained (of the 5)")
+    parser.add_argument("--upper-steps", type=int, default=300, help="(iv): steps per task")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: check that the script runs")
     args = parser.parse_args()
     if args.quick:
