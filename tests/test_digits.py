@@ -25,6 +25,7 @@ from ncatool.tasks.digits import (
     resolved_loss_steps,
     train_classifier,
 )
+from ncatool.train import Trainer
 
 runner = CliRunner()
 TINY = TINY_DIGITS
@@ -135,3 +136,59 @@ def test_digits_cli_smoke(tmp_path: Path) -> None:
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert history[-1]["train_loss"] < history[0]["train_loss"]  # it learned
     assert (out / "samples" / "epoch_003.png").is_file() and (out / "checkpoints" / "best.pt").is_file()
+
+
+# ----------------------------------------------------------------------- per-class pre-training
+def _tiny_task(**values: object) -> DigitsTask:
+    base = {**dict(i.split("=") for i in TINY), "samples": 0, "val_max": 20}
+    return DigitsTask(build_config(DigitsConfig, {**base, **values}), torch.device("cpu"))
+
+
+def test_pretraining_batches_hold_one_class_each_and_every_class_takes_turns() -> None:
+    task = _tiny_task(pretrain_per_class=2, iters_per_epoch=10, epochs=4)
+    for epoch in (0, 1):
+        torch.manual_seed(epoch)
+        labels = [batch[1] for batch in task.batches(epoch, 4)]
+        assert len(labels) == 10 and all(len(set(y.tolist())) == 1 for y in labels)
+        assert sorted(int(y[0]) for y in labels) == list(range(10))  # each class once per epoch
+    torch.manual_seed(2)
+    mixed = torch.cat([batch[1] for batch in task.batches(2, 4)])  # after the phase: classes mixed
+    assert len(mixed) == 40 and len(set(mixed.tolist())) >= 5
+    # fewer batches than classes: the turn carries over epochs, so all classes still get trained
+    short = _tiny_task(pretrain_per_class=5, iters_per_epoch=2, epochs=6)
+    seen = [int(batch[1][0]) for epoch in range(5) for batch in short.batches(epoch, 4)]
+    assert seen == list(range(10))
+    # one pass (iters_per_epoch=0): every training image exactly once, in one-class batches
+    full = _tiny_task(pretrain_per_class=1, iters_per_epoch=0, max_items=120, epochs=2)
+    batches = list(full.batches(0, 4))
+    assert all(len(set(y.tolist())) == 1 for _, y in batches)
+    assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted(full.train_y.tolist())
+
+
+def test_resume_across_the_pretraining_boundary_is_exact(tmp_path: Path) -> None:
+    def trainer(name: str, epochs: int) -> Trainer:
+        return Trainer(_tiny_task(pretrain_per_class=1, epochs=epochs), tmp_path / name, torch.device("cpu"))
+
+    full = trainer("full", 3)
+    full.fit()
+    assert [r["train_one_class"] for r in full.state.history] == [1.0, 0.0, 0.0]
+    trainer("cut", 1).fit()  # stops at the boundary: its one epoch was the one-class phase
+    resumed = trainer("cut", 3)
+    resumed.resume()
+    assert resumed.state.epoch == 1
+    resumed.fit()
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert [r["train_loss"] for r in resumed.state.history] == [r["train_loss"] for r in full.state.history]
+
+
+def test_negative_pretraining_is_a_clear_error(tmp_path: Path) -> None:
+    args = ["train", "--task", "digits", "--out", str(tmp_path / "run"), "--epochs", "3"]
+    for item in [*TINY, "pretrain_per_class=-1"]:
+        args += ["--set", item]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "pretrain_per_class must be >= 0" in lines[0] and "-1" in lines[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run" / "checkpoints").exists()

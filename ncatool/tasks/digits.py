@@ -5,6 +5,14 @@ A learned embedding of the digit label (0-9) is fed to the update rule of every 
 puts the loss on several intermediate steps (``loss_steps``), not only the last, so the digit forms
 progressively and stays formed.
 
+Per-class pre-training (seed 003: "weights pre-trained on individual digit classes, further fine-tuned
+into a unified model"): with ``pretrain_per_class=E`` the first ``E`` epochs of the one training loop
+draw every batch from a single class, the classes taking turns batch by batch, so each optimiser step
+trains the shared rule (and that class's embedding) on one digit alone; from epoch ``E + 1`` on the
+batches mix all classes, fine-tuning the same weights into the unified model. The phase is a function
+of the epoch number only, and each epoch's batches come from the loop's per-epoch seed, so a resumed
+run continues exactly, across the phase boundary too.
+
 Data: the real handwritten digits shipped in the package (``ncatool/resources/digits/digits_8x8.npz``,
 1,797 8x8 images from scikit-learn's copy of the UCI set, values 0..16), or MNIST IDX files / an NPZ
 via ``data``; every image is scaled to [0, 1] and resized to ``img_size`` (bilinear, antialiased when
@@ -38,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ncatool.config import TrainConfig
+from ncatool.console import warn
 from ncatool.data.splits import split_indices
 from ncatool.errors import NcaError
 from ncatool.image_losses import canonical_loss_name, per_sample_loss
@@ -81,6 +90,9 @@ class DigitsConfig(TrainConfig):
     loss: str = "L2"  # L1 | L2 | Manhattan | Hinge (see ncatool.image_losses)
     hinge_margin: float = 0.02
     classifier: str = "logreg"  # logreg | cnn: the recogniser trained on the real digits
+    # per-class pre-training (seed 003): the first N epochs draw each batch from one class, classes
+    # taking turns batch by batch, then all classes are mixed (fine-tuning); 0 = mixed from the start
+    pretrain_per_class: int = 0
     batch_size: int = 32
     lr: float = 2e-3  # Adam
     epochs: int = 40
@@ -120,6 +132,15 @@ def check_digits_config(cfg: DigitsConfig) -> None:
         raise NcaError(f"border must be one of {', '.join(PADDING_MODES)}, got {cfg.border!r}")
     if cfg.embed_dim < 1 or cfg.val_max < 1 or cfg.max_items < 0:
         raise NcaError("embed_dim and val_max must be >= 1, max_items >= 0")
+    if cfg.pretrain_per_class < 0:
+        raise NcaError(
+            f"pretrain_per_class must be >= 0 (epochs of one-class batches; 0 = off), got {cfg.pretrain_per_class}"
+        )
+    if cfg.pretrain_per_class >= cfg.epochs:  # allowed: a run may be resumed later with more epochs
+        warn(
+            f"pretrain_per_class={cfg.pretrain_per_class} covers all {cfg.epochs} epochs: every batch "
+            "holds one class and no epoch trains the classes mixed"
+        )
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -389,13 +410,38 @@ class DigitsTask:
         return build_model(self.config)
 
     def batches(self, epoch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Shuffled ``(images (B, 1, S, S), labels (B,))`` from the training split."""
+        """Shuffled ``(images (B, 1, S, S), labels (B,))`` from the training split: one class per
+        batch during the ``pretrain_per_class`` epochs, all classes mixed after them."""
+        if epoch < self.config.pretrain_per_class:
+            batches = self._one_class_batches(epoch, batch_size)
+        else:
+            batches = self._mixed_batches(batch_size)
+        for idx in batches:
+            yield self.train_x[idx, None].to(self.device), self.train_y[idx].to(self.device)
+
+    def _mixed_batches(self, batch_size: int) -> list[torch.Tensor]:
+        """Index batches drawn from the whole training split (``iters_per_epoch`` draws, or one pass)."""
         n = len(self.train_x)
         iters = self.config.iters_per_epoch
         order = torch.randint(0, n, (iters * batch_size,)) if iters > 0 else torch.randperm(n)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            yield self.train_x[idx, None].to(self.device), self.train_y[idx].to(self.device)
+        return list(order.split(batch_size))
+
+    def _one_class_batches(self, epoch: int, batch_size: int) -> list[torch.Tensor]:
+        """Index batches of one class each, the classes present taking turns batch by batch.
+
+        With ``iters_per_epoch`` each batch draws ``batch_size`` items of its class (with replacement)
+        and the turn carries over from one epoch to the next, so every class gets its share of steps
+        even when an epoch holds fewer than ten batches; without it, every class's items are shuffled
+        and cut into batches (one pass), taken round-robin over the classes.
+        """
+        members = [(self.train_y == k).nonzero()[:, 0] for k in range(N_CLASSES)]
+        members = [m for m in members if len(m)]
+        iters = self.config.iters_per_epoch
+        if iters > 0:
+            turns = [members[(epoch * iters + b) % len(members)] for b in range(iters)]
+            return [m[torch.randint(0, len(m), (batch_size,))] for m in turns]
+        per_class = [m[torch.randperm(len(m))].split(batch_size) for m in members]
+        return [chunks[i] for i in range(max(map(len, per_class))) for chunks in per_class if i < len(chunks)]
 
     def generate(self, model: nn.Module, labels: torch.Tensor, steps: int | None = None) -> torch.Tensor:
         """Grow one digit per label: ``(B,)`` → raw channel 0 ``(B, S, S)`` after ``steps``."""
@@ -417,7 +463,9 @@ class DigitsTask:
         ]
         with torch.no_grad():
             final_mse = float((states[-1][:, :1].float().clamp(0, 1) - images).pow(2).mean())
-        return torch.stack(terms).mean(), {"mse_last": final_mse}
+        # 1 while the batches hold one class (pretrain_per_class), so metrics.jsonl shows the phase
+        one_class = float(bool((labels == labels[0]).all()))
+        return torch.stack(terms).mean(), {"mse_last": final_mse, "one_class": one_class}
 
     def classifier(self) -> nn.Module:
         """The recogniser, trained on the real training split on first use (then cached)."""
