@@ -20,6 +20,12 @@ and writes the derived file. The two files that defaults need at run time live i
   ``stardist/data/images/img2d.tif`` + ``mask2d.tif`` (Data Science Bowl 2018 / BBBC038, CC0):
   the 512x512 fluorescence image as 8-bit grey (its values are 0..235, so the conversion is exact)
   and the foreground (instance id > 0) as a 0/255 mask.
+* ``data/nuclei3d/nuclei3d_img.nii.gz`` + ``nuclei3d_gt.nii.gz`` + ``LICENSE.txt`` from stardist 0.9.2
+  ``stardist/data/images/img3d.tif`` + ``mask3d.tif`` (stardist's docstring: "synthetic nuclei";
+  BSD-3-Clause, the package's licence file is copied alongside): the 31x61x57 (z, y, x) uint16
+  volume unchanged (values 104..375) and the foreground (instance id > 0) as 0/1, as NIfTI with
+  voxel spacing 1 x 1 x 2 (x, y, z; the TIFFs carry no physical size, units left unknown) because
+  the nuclei are about half as many voxels deep as wide.
 * ``data/brain/mni152_img.nii.gz`` + ``mni152_gt.nii.gz`` from nilearn 0.14.1's MNI ICBM152 2009a
   symmetric template (T1, GM and WM probability maps, 1 mm): cropped to the brain's bounding box
   (+2 mm), block-averaged to 2 mm; T1 as uint8, labels 0 background / 1 grey matter / 2 white
@@ -78,6 +84,21 @@ SOURCES = {
         "member": "stardist/data/images/mask2d.tif",
         "sha256": "59ad5e820b7982ca9d13e946fa6e7f64e2714899e00a2ae6c69aa79aad53d46f",
     },
+    "nuclei3d_img": {
+        "package": "stardist==0.9.2",
+        "member": "stardist/data/images/img3d.tif",
+        "sha256": "f5626d500c7a738cd321698f43df36e2ac149d98456579c5cbcf8af48c7253e8",
+    },
+    "nuclei3d_mask": {
+        "package": "stardist==0.9.2",
+        "member": "stardist/data/images/mask3d.tif",
+        "sha256": "a2ff51b712941a90cf3a5628b11f04f5d7fa3f29c808c065d3be6ff938b215a1",
+    },
+    "stardist_licence": {
+        "package": "stardist==0.9.2",
+        "member": "stardist-0.9.2.dist-info/licenses/LICENSE.txt",
+        "sha256": "c279e190706f46dd920854b64d0d823a33be1981c187f581eb432b273f797492",
+    },
     "brain_t1": {
         "package": "nilearn==0.14.1",
         "member": "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
@@ -99,6 +120,10 @@ RETINA_SIZE = 64
 BRAIN_FACTOR = 2  # 1 mm -> 2 mm
 BRAIN_MARGIN = 2  # voxels (1 mm) kept around the brain's bounding box
 RETINA_THRESHOLD = 20  # on the brightest of R, G, B (0..255): the surround is black
+NUCLEI3D_SHAPE = (31, 61, 57)  # (z, y, x) as stored in the TIFF pages
+# The median nucleus spans 14 x 15 x 7 voxels (x, y, z): a z step twice the in-plane one makes them
+# about round. The TIFFs store no physical size, so the unit stays unknown.
+NUCLEI3D_SPACING = (1.0, 1.0, 2.0)
 
 
 def fetch_member(package: str, member: str, sha256: str, workdir: Path) -> bytes:
@@ -207,6 +232,31 @@ def derive_nuclei(img_tif: bytes, mask_tif: bytes) -> tuple[np.ndarray, np.ndarr
     return image.astype(np.uint8), np.where(instances > 0, 255, 0).astype(np.uint8)
 
 
+def _read_tiff_stack(data: bytes) -> np.ndarray:
+    """All pages of a multi-page greyscale TIFF as one ``(pages, rows, cols)`` array."""
+    from PIL import Image
+
+    stack = Image.open(io.BytesIO(data))
+    pages = []
+    for index in range(stack.n_frames):
+        stack.seek(index)
+        pages.append(np.asarray(stack))
+    return np.stack(pages)
+
+
+def derive_nuclei3d(img_tif: bytes, mask_tif: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """``(image uint16, mask uint8 0/1)`` in NIfTI ``(x, y, z)`` order, ``(57, 61, 31)``, from
+    stardist's ``(z, y, x)`` TIFF stacks."""
+    image = _read_tiff_stack(img_tif)
+    instances = _read_tiff_stack(mask_tif)
+    if image.shape != NUCLEI3D_SHAPE or instances.shape != image.shape:
+        raise SystemExit(f"unexpected nuclei3d shapes {image.shape} / {instances.shape}")
+    if image.dtype != np.uint16:
+        raise SystemExit(f"nuclei3d image is {image.dtype}, expected uint16: no exact copy")
+    # TIFF pages are (z, y, x); NIfTI arrays are (x, y, z)
+    return image.transpose(2, 1, 0).copy(), (instances > 0).astype(np.uint8).transpose(2, 1, 0).copy()
+
+
 def _block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
     """Average ``factor``-sized blocks of a 3D array whose shape is divisible by ``factor``."""
     x, y, z = (n // factor for n in volume.shape)
@@ -245,13 +295,14 @@ def derive_brain(t1_gz: bytes, gm_gz: bytes, wm_gz: bytes) -> tuple[np.ndarray, 
     return np.round(t1_small).astype(np.uint8), labels.astype(np.uint8), new_affine
 
 
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, code: int = 4, unit: str = "mm") -> None:
+    """Write ``array`` with ``affine`` as qform and sform (``code`` 4 = MNI152, 1 = scanner)."""
     import nibabel as nib
 
     image = nib.Nifti1Image(array, affine)
-    image.set_qform(affine, code=4)  # MNI152 space
-    image.set_sform(affine, code=4)
-    image.header.set_xyzt_units("mm")
+    image.set_qform(affine, code=code)
+    image.set_sform(affine, code=code)
+    image.header.set_xyzt_units(unit)
     nib.save(image, path)
 
 
@@ -283,6 +334,16 @@ def write_all(data_root: Path, resources_root: Path) -> list[Path]:
         for array, name in ((image, "nuclei_img.png"), (mask, "nuclei_gt.png")):
             Image.fromarray(array, mode="L").save(folder / name, optimize=True)
             written.append(folder / name)
+
+        image, mask = derive_nuclei3d(*(_fetch(name, work) for name in ("nuclei3d_img", "nuclei3d_mask")))
+        folder = data_root / "nuclei3d"
+        folder.mkdir(parents=True, exist_ok=True)
+        affine = np.diag([*NUCLEI3D_SPACING, 1.0])
+        for array, name in ((image, "nuclei3d_img.nii.gz"), (mask, "nuclei3d_gt.nii.gz")):
+            _save_nifti(array, affine, folder / name, code=1, unit="unknown")
+            written.append(folder / name)
+        (folder / "LICENSE.txt").write_bytes(_fetch("stardist_licence", work))
+        written.append(folder / "LICENSE.txt")
 
         t1, labels, affine = derive_brain(
             *(_fetch(name, work) for name in ("brain_t1", "brain_gm", "brain_wm"))
@@ -329,7 +390,13 @@ def main() -> None:
                 import nibabel as nib
 
                 a, b = nib.load(path), nib.load(shipped)
-                same = np.array_equal(a.get_fdata(), b.get_fdata()) and np.allclose(a.affine, b.affine)
+                same = (
+                    np.array_equal(a.get_fdata(), b.get_fdata())
+                    and np.allclose(a.affine, b.affine)
+                    and a.get_data_dtype() == b.get_data_dtype()
+                )
+            elif path.suffix == ".txt":
+                same = path.read_bytes() == shipped.read_bytes()
             else:
                 a, b = np.load(path), np.load(shipped)
                 same = all(np.array_equal(a[k], b[k]) for k in a.files)
