@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+
+class Difficulty(str, Enum):
+    """``--difficulty`` presets (:data:`ncatool.data.mock.DIFFICULTIES`)."""
+
+    easy = "easy"
+    hard = "hard"
 
 
 def mock_data(
@@ -30,19 +38,64 @@ def mock_data(
         ),
     ] = None,
     multi: Annotated[
-        int,
+        int | None,
         typer.Option(
-            "--multi", min=1, help="Objects per case, labelled 1..K with distinct intensities (1 = binary)."
+            "--multi",
+            min=1,
+            help="Objects per case, labelled 1..K with distinct intensities (1 = binary). "
+            "Default: 1 (easy), 3 (hard).",
         ),
-    ] = 1,
+    ] = None,
     noise: Annotated[
-        float,
-        typer.Option("--noise", min=0.0, help="Gaussian noise std relative to object/background contrast."),
-    ] = 0.1,
+        float | None,
+        typer.Option(
+            "--noise",
+            min=0.0,
+            help="Gaussian noise std relative to object/background contrast. Default: 0.1 (easy), 0.25 (hard).",
+        ),
+    ] = None,
     bias: Annotated[
-        float,
-        typer.Option("--bias", min=0.0, help="Strength of the smooth multiplicative bias field (0 = off)."),
-    ] = 0.2,
+        float | None,
+        typer.Option(
+            "--bias",
+            min=0.0,
+            help="Strength of the smooth multiplicative bias field (0 = off). Default: 0.2 (easy), 0.3 (hard).",
+        ),
+    ] = None,
+    difficulty: Annotated[
+        Difficulty,
+        typer.Option(
+            "--difficulty",
+            help="Preset: easy (one bright object, weak noise: a threshold solves it) or hard (three "
+            "labels a small intensity step apart, fine texture, stronger noise and bias field, "
+            "touching objects). Options given explicitly override the preset.",
+        ),
+    ] = Difficulty.easy,
+    contrast: Annotated[
+        float | None,
+        typer.Option(
+            "--contrast",
+            help="Intensity step from the background to label 1 and between labels (background 0..0.2). "
+            "Default: objects at 0.5..1.0 (easy), 0.2 (hard).",
+        ),
+    ] = None,
+    texture: Annotated[
+        float | None,
+        typer.Option(
+            "--texture",
+            min=0.0,
+            help="Fine random texture, std relative to the object/background contrast. "
+            "Default: 0 (easy), 0.25 (hard).",
+        ),
+    ] = None,
+    touching: Annotated[
+        bool | None,
+        typer.Option(
+            "--touching/--apart",
+            help="Place objects in contact with each other. Default: apart (easy), touching (hard).",
+            show_default=False,
+        ),
+    ] = None,
     spacing: Annotated[
         str | None,
         typer.Option(
@@ -96,11 +149,30 @@ def mock_data(
     (uint8, labels 0..K). Never replaces existing files without --overwrite.
     """
     from ncatool.console import emit_json, state
-    from ncatool.data.mock import parse_shapes, parse_spacing, write_mock_dataset
+    from ncatool.data.mock import parse_shapes, parse_spacing, resolve_difficulty, write_mock_dataset
 
+    preset = resolve_difficulty(
+        difficulty.value,
+        n_objects=multi,
+        noise=noise,
+        bias=bias,
+        contrast=contrast,
+        texture=texture,
+        touching=touching,
+    )
     if from_labels is not None:
         _from_labels(
-            from_labels, out, cases, noise, bias, deform, blur, contrast_per_case, seed, overwrite, json_out
+            from_labels,
+            out,
+            cases,
+            preset.noise,
+            preset.bias,
+            deform,
+            blur,
+            contrast_per_case,
+            seed,
+            overwrite,
+            json_out,
         )
         return
     shape_names = parse_shapes(shapes)
@@ -112,14 +184,17 @@ def mock_data(
         size_min=size_min,
         size_max=size_max,
         shapes=shape_names,
-        n_objects=multi,
-        noise=noise,
-        bias=bias,
+        n_objects=preset.n_objects,
+        noise=preset.noise,
+        bias=preset.bias,
         spacing=spacing_xyz,
         seed=seed,
         prefix=prefix,
         overwrite=overwrite,
         shape_labels=shape_labels,
+        contrast=preset.contrast,
+        texture=preset.texture,
+        touching=preset.touching,
     )
     if not state.quiet:
         _print_summary(records, out)

@@ -25,6 +25,21 @@ small jitter), so labels differ by intensity and the task is learnable. The clea
 multiplied by a bias field ``exp(bias * f)`` (``f`` a smooth random field with ``max |f| = 1``) and
 Gaussian noise with standard deviation ``noise * (mean object intensity - background)`` is added.
 
+Harder cases (``--difficulty hard``, or each setting on its own) make one voxel's intensity a poor
+guide, so that a model has to look at neighbourhoods, not learn one threshold in a single epoch:
+
+* ``contrast`` — instead of the levels above, label ``k`` has mean ``background + k * contrast``
+  (a small jitter added): a step of ``contrast`` from the background to label 1 and between labels;
+* ``texture`` — a fine-grained random texture (white noise smoothed over about one voxel, standard
+  deviation ``texture * (mean object intensity - background)``) added everywhere, so neighbouring
+  voxels share their deviation and simple smoothing does not remove it;
+* ``touching`` — every object after the first is placed in face contact with one already there
+  (clusters, shared boundaries between labels);
+* several labels — ``n_objects`` objects labelled 1..K by intensity, as above.
+
+The presets (:data:`DIFFICULTIES`) fix these together with ``noise``, ``bias`` and the number of
+objects; ``easy`` is the classic behaviour and the default.
+
 Every case gets its own random generator derived from ``(seed, case index)``, so case ``i`` is the
 same however many cases are made, and the same seed gives byte-identical files.
 """
@@ -34,6 +49,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +86,54 @@ MIN_SIZE = 8
 MAX_OBJECTS = 255
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+#: Attempts at a touching position per object before it is placed freely instead.
+TOUCH_ATTEMPTS = 30
+#: Standard deviation (voxels) of the Gaussian that smooths white noise into the texture.
+TEXTURE_SIGMA = 1.0
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """The generation settings a ``--difficulty`` preset stands for.
+
+    Attributes:
+        n_objects: Objects (= labels) per case.
+        noise: Gaussian noise std relative to the object/background contrast.
+        bias: Strength of the multiplicative bias field.
+        contrast: Intensity step from the background to label 1 and between labels; None keeps the
+            easy levels (objects at 0.5..1.0 on a 0..0.2 background).
+        texture: Std of the fine texture relative to the object/background contrast (0 = none).
+        touching: Place every object after the first in contact with an earlier one.
+    """
+
+    n_objects: int = 1
+    noise: float = 0.1
+    bias: float = 0.2
+    contrast: float | None = None
+    texture: float = 0.0
+    touching: bool = False
+
+
+#: ``--difficulty`` presets. ``hard``: three labels 0.2 apart, the faintest 0.2 above the background
+#: (easy objects stand 0.6..1.0 above it); noise and texture each with a std of 0.25 of the mean
+#: object contrast (0.4), so 0.1, half a label step; a stronger bias field (x0.74..x1.35) and touching
+#: objects. A global threshold separates neither the labels nor, where the field is strong, the objects.
+DIFFICULTIES: dict[str, Difficulty] = {
+    "easy": Difficulty(),
+    "hard": Difficulty(n_objects=3, noise=0.25, bias=0.3, contrast=0.2, texture=0.25, touching=True),
+}
+
+
+def resolve_difficulty(name: str, **overrides: Any) -> Difficulty:
+    """The preset ``name`` with every override that is not None applied.
+
+    Raises:
+        NcaError: ``name`` is not a preset.
+    """
+    if name not in DIFFICULTIES:
+        raise NcaError(f"--difficulty must be one of {', '.join(DIFFICULTIES)}, got {name!r}")
+    return replace(DIFFICULTIES[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -158,6 +222,8 @@ def _validate(
     n_objects: int,
     noise: float,
     bias: float,
+    contrast: float | None = None,
+    texture: float = 0.0,
 ) -> None:
     """Raise :class:`NcaError` for any out-of-range generation parameter."""
     if dim not in (2, 3):
@@ -177,6 +243,10 @@ def _validate(
         raise NcaError(f"--noise must be a non-negative number, got {noise}")
     if not (math.isfinite(bias) and bias >= 0):
         raise NcaError(f"--bias must be a non-negative number, got {bias}")
+    if contrast is not None and not (math.isfinite(contrast) and contrast > 0):
+        raise NcaError(f"--contrast must be a positive number, got {contrast}")
+    if not (math.isfinite(texture) and texture >= 0):
+        raise NcaError(f"--texture must be a non-negative number, got {texture}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -348,9 +418,60 @@ def bias_field(rng: np.random.Generator, shape: Sequence[int], strength: float, 
     return np.exp(strength * field).astype(np.float32)
 
 
+def texture_field(rng: np.random.Generator, shape: Sequence[int], sigma: float = TEXTURE_SIGMA) -> np.ndarray:
+    """Fine random texture: white noise smoothed by a Gaussian of ``sigma`` voxels, scaled to std 1.
+
+    Args:
+        rng: Random generator.
+        shape: Spatial array shape, ``(Z, Y, X)`` or ``(Y, X)``.
+        sigma: Grain size in voxels.
+
+    Returns:
+        float32 array of ``shape`` with mean about 0 and standard deviation 1.
+    """
+    from scipy import ndimage
+
+    field = ndimage.gaussian_filter(rng.standard_normal(tuple(shape)), sigma, mode="reflect")
+    field -= field.mean()
+    std = float(field.std())
+    return (field / std if std > 0 else field).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Cases
 # ----------------------------------------------------------------------------------------------------
+
+
+def _touching_start(rng: np.random.Generator, mask: np.ndarray, obj: np.ndarray) -> list[int] | None:
+    """A corner at which ``obj`` shares a face with a painted voxel of ``mask`` without overlapping
+    it and keeps a one-voxel margin to the border, or None if this try found none.
+
+    The object's centre starts on a random painted voxel and moves outwards along a random direction
+    in half-voxel steps until the object no longer overlaps; there it touches, or nearly does.
+    """
+    from scipy import ndimage
+
+    painted = np.argwhere(mask > 0)
+    size = np.array(mask.shape)
+    room = size - 2 - np.array(obj.shape)
+    if painted.size == 0 or np.any(room < 0):
+        return None
+    anchor = painted[rng.integers(len(painted))]
+    direction = rng.standard_normal(mask.ndim)
+    direction /= max(float(np.linalg.norm(direction)), 1e-9)
+    half = np.array(obj.shape) // 2
+    # the object with its one-voxel shell of face neighbours
+    shell = ndimage.binary_dilation(np.pad(obj, 1)) & ~np.pad(obj, 1)
+    for t in np.arange(0.0, float(size.max()), 0.5):
+        start = np.round(anchor + t * direction).astype(int) - half
+        if np.any(start < 1) or np.any(start > room + 1):
+            return None
+        region = tuple(slice(a, a + n) for a, n in zip(start, obj.shape, strict=True))
+        if np.any(mask[region][obj]):
+            continue
+        around = tuple(slice(a - 1, a + n + 1) for a, n in zip(start, obj.shape, strict=True))
+        return [int(a) for a in start] if np.any(mask[around][shell]) else None
+    return None
 
 
 def _place_objects(
@@ -360,9 +481,11 @@ def _place_objects(
     n_objects: int,
     spacing_zyx: Sequence[float],
     shape_labels: bool = False,
+    touching: bool = False,
 ) -> list[dict[str, Any]]:
     """Paint ``n_objects`` non-overlapping objects with labels 1..n into ``mask`` (in place); with
-    ``shape_labels`` an object's label is its shape's position in ``shapes`` plus one instead."""
+    ``shape_labels`` an object's label is its shape's position in ``shapes`` plus one instead; with
+    ``touching`` every object after the first is first tried in contact with those already there."""
     dim = mask.ndim
     size = np.array(mask.shape)
     sp = np.array(spacing_zyx, dtype=float)
@@ -379,7 +502,16 @@ def _place_objects(
         if bound > max_bound:
             params = _scale_params(params, max_bound / bound)
         placed = False
-        for attempt in range(40):
+        if touching and index > 1:
+            for _ in range(TOUCH_ATTEMPTS):
+                obj = render_object(rng, shape, params, spacing_zyx)
+                start = _touching_start(rng, mask, obj)
+                if start is not None:
+                    region = tuple(slice(s, s + n) for s, n in zip(start, obj.shape, strict=True))
+                    mask[region][obj] = label
+                    placed = True
+                    break
+        for attempt in range(0 if placed else 40):
             if attempt >= 10 and attempt % 5 == 0:  # crowded: try smaller versions of the object
                 params = _scale_params(params, 0.8)
             obj = render_object(rng, shape, params, spacing_zyx)
@@ -413,6 +545,9 @@ def generate_case(
     bias: float = 0.2,
     spacing: Sequence[float] | None = None,
     shape_labels: bool = False,
+    contrast: float | None = None,
+    texture: float = 0.0,
+    touching: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Generate one synthetic image and its mask.
 
@@ -430,6 +565,9 @@ def generate_case(
         shape_labels: Label each object by its shape class (label k = ``shapes[k - 1]``, intensities
             per class) instead of 1..n_objects: a multi-task set, one structure class per label;
             a case then holds the classes it drew, not necessarily all.
+        contrast: Intensity step background -> label 1 -> label 2 ...; None keeps the easy levels.
+        texture: Fine texture std relative to the object/background contrast (0 = none).
+        touching: Place every object after the first in face contact with an earlier one.
 
     Returns:
         ``(image, mask, info)``: image float32 ``(Z, Y, X)`` / ``(Y, X)``; mask uint8 of the same
@@ -441,17 +579,20 @@ def generate_case(
         NcaError: A parameter is out of range.
     """
     shapes = tuple(shapes)
-    _validate(dim, size_min, size_max, shapes, n_objects, noise, bias)
+    _validate(dim, size_min, size_max, shapes, n_objects, noise, bias, contrast, texture)
     spacing_xyz = parse_spacing(None if spacing is None else list(spacing), dim)
     spacing_zyx = tuple(reversed(spacing_xyz))
 
     size = tuple(int(rng.integers(size_min, size_max + 1)) for _ in range(dim))
     mask = np.zeros(size, dtype=np.uint8)
-    objects = _place_objects(rng, mask, shapes, n_objects, spacing_zyx, shape_labels)
+    objects = _place_objects(rng, mask, shapes, n_objects, spacing_zyx, shape_labels, touching)
     n_labels = len(shapes) if shape_labels else n_objects
 
     background = float(rng.uniform(0.0, 0.2))
-    if n_labels == 1:
+    if contrast is not None:
+        jitter = rng.uniform(-contrast / 8, contrast / 8, size=n_labels)
+        levels = background + contrast * np.arange(1, n_labels + 1) + jitter
+    elif n_labels == 1:
         levels = np.array([rng.uniform(0.8, 1.0)])
     else:
         step = 0.5 / n_labels
@@ -460,9 +601,11 @@ def generate_case(
     lut = np.concatenate([[background], levels]).astype(np.float32)
     image = lut[mask]
     image *= bias_field(rng, size, bias)
-    contrast = float(levels.mean()) - background
+    object_contrast = float(levels.mean()) - background
+    if texture > 0:
+        image += texture_field(rng, size) * np.float32(texture * object_contrast)
     if noise > 0:
-        image += rng.standard_normal(size, dtype=np.float32) * np.float32(noise * contrast)
+        image += rng.standard_normal(size, dtype=np.float32) * np.float32(noise * object_contrast)
 
     counts = np.bincount(mask.ravel(), minlength=n_labels + 1)
     info: dict[str, Any] = {
@@ -500,6 +643,9 @@ def write_mock_dataset(
     overwrite: bool = False,
     on_case: Callable[[dict[str, Any]], None] | None = None,
     shape_labels: bool = False,
+    contrast: float | None = None,
+    texture: float = 0.0,
+    touching: bool = False,
 ) -> list[dict[str, Any]]:
     """Generate cases and write ``<out>/<case>_img.nii.gz`` and ``<out>/<case>_gt.nii.gz``.
 
@@ -523,6 +669,9 @@ def write_mock_dataset(
         overwrite: Replace existing files instead of refusing.
         on_case: Called with each case's record right after it is written (progress).
         shape_labels: One label per shape class (see :func:`generate_case`).
+        contrast: Intensity step between background and labels; None keeps the easy levels.
+        texture: Fine texture std relative to the contrast (0 = none).
+        touching: Objects in contact with each other.
 
     Returns:
         One record per case: ``case``, ``image``, ``label`` (paths as strings), ``shape`` (array
@@ -544,7 +693,7 @@ def write_mock_dataset(
         raise NcaError(
             f"--prefix {prefix!r}: use letters, digits, '_', '.' or '-', starting with a letter or digit"
         )
-    _validate(dim, size_min, size_max, shapes, n_objects, noise, bias)
+    _validate(dim, size_min, size_max, shapes, n_objects, noise, bias, contrast, texture)
     spacing_xyz = parse_spacing(None if spacing is None else list(spacing), dim)
     if out.exists() and not out.is_dir():
         raise NcaError("exists and is not a folder", out)
@@ -575,6 +724,9 @@ def write_mock_dataset(
             bias=bias,
             spacing=spacing_xyz,
             shape_labels=shape_labels,
+            contrast=contrast,
+            texture=texture,
+            touching=touching,
         )
         write_image(Image.from_array(image, spacing=spacing_xyz), img_path)
         write_image(Image.from_array(mask, spacing=spacing_xyz), gt_path)
