@@ -48,8 +48,12 @@ class TrainConfig:
     seed: int = 0
     val_every: int = 1  # validate every N epochs
     early_stop: int = 0  # stop after N validations without improvement; 0 disables
-    plateau_patience: int = 5  # ReduceLROnPlateau on the validation score
-    plateau_factor: float = 0.5
+    lr_schedule: str = "plateau"  # plateau: ReduceLROnPlateau on the validation score | step: see below
+    plateau_patience: int = 5  # plateau: validations without improvement before the lr is cut
+    plateau_factor: float = 0.5  # plateau: the cut
+    lr_milestones: tuple[int, ...] = (2000,)  # step: optimiser steps at which lr is multiplied by lr_gamma
+    lr_gamma: float = 0.1  # step: the factor (Growing NCA: 2e-3 -> 2e-4 after 2000 steps)
+    grad_normalize: bool = False  # divide each parameter's gradient by its own norm (Growing NCA)
     nan_patience: int = 5  # consecutive non-finite steps before rolling back
     amp: str = "none"  # none | bf16 | fp16 autocast
     grad_checkpoint: int = 0  # recompute chunks of this many NCA steps in backward; 0 disables

@@ -104,3 +104,57 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, max_db: float | None = None) 
     mse = (pred.float().clamp(0.0, 1.0) - target.float()).flatten(1).pow(2).mean(1)
     out = 10.0 * torch.log10(1.0 / mse)
     return out.clamp_max(max_db) if max_db is not None else out
+
+
+def masked_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per sample over the positions where ``mask`` is true (every channel there).
+
+    Args:
+        pred: Prediction ``(B, C, *S)``; clipped to ``[0, 1]`` first.
+        target: Target in ``[0, 1]``, same shape.
+        mask: ``(*S)`` boolean: the positions scored (e.g. inside the target's alpha).
+
+    Returns:
+        ``(B,)`` PSNR values (``inf`` for an exact match).
+    """
+    _check(pred, target)
+    if tuple(mask.shape) != tuple(pred.shape[2:]) or not bool(mask.any()):
+        raise ValueError(f"mask must be a non-empty {tuple(pred.shape[2:])} array, got {tuple(mask.shape)}")
+    diff = (pred.float().clamp(0.0, 1.0) - target.float())[..., mask]  # (B, C, n)
+    return 10.0 * torch.log10(1.0 / diff.pow(2).flatten(1).mean(1))
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Structural similarity per sample (Wang et al. 2004), mean over channels and positions.
+
+    The standard form: a Gaussian window (``window`` x ``window``, ``sigma``) without padding (only
+    positions where the whole window fits count), peak value 1, ``C1 = 0.01**2``, ``C2 = 0.03**2``.
+
+    Args:
+        pred: Prediction ``(B, C, H, W)``; clipped to ``[0, 1]`` first.
+        target: Target in ``[0, 1]``, same shape; ``H, W >= window``.
+        window: Side of the Gaussian window.
+        sigma: Its standard deviation in pixels.
+
+    Returns:
+        ``(B,)`` SSIM in ``[-1, 1]`` (1 for identical images).
+    """
+    import torch.nn.functional as F
+
+    _check(pred, target)
+    if pred.dim() != 4 or min(pred.shape[-2:]) < window:
+        raise ValueError(f"ssim needs (B, C, H, W) with H, W >= {window}, got {tuple(pred.shape)}")
+    x, y = pred.float().clamp(0.0, 1.0), target.float()
+    channels = x.shape[1]
+    g = torch.exp(-((torch.arange(window, dtype=torch.float32) - (window - 1) / 2) ** 2) / (2 * sigma**2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(channels, 1, window, window).to(x.device)
+
+    def blur(z: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(z, kernel, groups=channels)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1)

@@ -153,9 +153,7 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = self._make_optimizer()
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="max", factor=self.cfg.plateau_factor, patience=self.cfg.plateau_patience
-        )
+        self.scheduler = self._make_scheduler()
         self.state = RunState(batch_size=self.cfg.batch_size)
         self._initial = self._snapshot()
         self._nan_streak = 0
@@ -171,6 +169,23 @@ class Trainer:
         if self.cfg.optimizer == "adamw":
             return torch.optim.AdamW(params, **kw)
         raise NcaError(f"optimizer must be adam or adamw, got {self.cfg.optimizer!r}")
+
+    def _make_scheduler(self) -> Any:
+        """``plateau`` steps once per validation on its score; ``step`` once per optimiser step."""
+        cfg = self.cfg
+        if cfg.lr_schedule == "plateau":
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience
+            )
+        if cfg.lr_schedule == "step":
+            if any(m < 1 for m in cfg.lr_milestones) or not 0.0 < cfg.lr_gamma <= 1.0:
+                raise NcaError(
+                    f"lr_milestones must be >= 1 and lr_gamma in (0, 1], got {cfg.lr_milestones} and {cfg.lr_gamma}"
+                )
+            return torch.optim.lr_scheduler.MultiStepLR(
+                self.optimizer, milestones=sorted(cfg.lr_milestones), gamma=cfg.lr_gamma
+            )
+        raise NcaError(f"lr_schedule must be plateau or step, got {cfg.lr_schedule!r}")
 
     @property
     def ckpt_dir(self) -> Path:
@@ -420,12 +435,19 @@ class Trainer:
                 return None
             loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 and not self.cfg.grad_normalize else math.inf
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
         if self.world.any(not bool(torch.isfinite(gnorm))):
             self._non_finite("gradient")
             return None
+        if self.cfg.grad_normalize:
+            # Growing NCA: every tensor's update direction counts alike, whatever its gradient's scale
+            # (the late layers' gradients are orders of magnitude larger than the perception's)
+            for p in params:
+                p.grad.div_(p.grad.norm() + 1e-8)
         self.optimizer.step()
+        if self.cfg.lr_schedule == "step":
+            self.scheduler.step()
         self._nan_streak = 0
         return {"loss": float(loss.detach()), **logs}
 
@@ -468,7 +490,7 @@ class Trainer:
                     self.logger.log_image(self.run_dir / "samples" / f"epoch_{epoch + 1:03d}.png", epoch + 1)
         metrics = self.world.broadcast(metrics)
         score = float(metrics[self.task.score_name])
-        if math.isfinite(score):
+        if math.isfinite(score) and self.cfg.lr_schedule == "plateau":
             self.scheduler.step(score)
         if math.isfinite(score) and score > self.state.best_score:
             self.state.best_score = score

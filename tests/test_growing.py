@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,10 @@ from typer.testing import CliRunner
 from ncatool.cli import app
 from ncatool.config import build_config
 from ncatool.data.io import Image, write_image
-from ncatool.image_losses import IMAGE_LOSSES, image_loss, per_sample_loss, psnr
+from ncatool.image_losses import IMAGE_LOSSES, image_loss, masked_psnr, per_sample_loss, psnr, ssim
 from ncatool.models.filters import FIXED_FILTERS
 from ncatool.models.growing import SamplePool, circle_masks, make_seed
-from ncatool.tasks.growing import DEFAULT_TARGET, GrowConfig, GrowTask, load_target
+from ncatool.tasks.growing import DEFAULT_TARGET, GrowConfig, GrowTask, flat_disc, load_target
 from ncatool.train import Trainer
 
 runner = CliRunner()
@@ -238,3 +239,104 @@ def test_grow_cli_smoke(tmp_path: Path) -> None:
     more = runner.invoke(app, ["train", "--resume", str(out), "--set", "epochs=3"])
     assert more.exit_code == 0, more.output
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+# ----------------------------------------------------------------------------------- honest metrics
+def test_ssim_and_masked_psnr_on_hand_computed_cases() -> None:
+    a = torch.full((1, 2, 12, 12), 0.2)
+    b = torch.full((1, 2, 12, 12), 0.6)
+    c1 = 0.01**2  # flat images: SSIM = (2ab + C1) / (a^2 + b^2 + C1), the structure term is 1
+    expected = torch.tensor([(2 * 0.12 + c1) / (0.04 + 0.36 + c1)])
+    torch.testing.assert_close(ssim(a, b), expected, rtol=1e-3, atol=0)  # float32 variances ~1e-8
+    torch.testing.assert_close(ssim(b, b), torch.tensor([1.0]))
+    noisy = b + 0.1 * torch.randn_like(b)
+    assert ssim(noisy, b) < ssim(b + 0.01 * torch.randn_like(b), b) < 1.0
+    mask = torch.zeros(12, 12, dtype=torch.bool)
+    mask[:4] = True
+    pred = b.clone()
+    pred[..., :4, :] += 0.1  # error 0.1 only inside the mask: PSNR 20 dB there, 20 + 10 log10(3) overall
+    torch.testing.assert_close(masked_psnr(pred, b, mask), torch.tensor([20.0]))
+    torch.testing.assert_close(psnr(pred, b), torch.tensor([20.0 + 10 * math.log10(3.0)]))
+    with pytest.raises(ValueError, match="non-empty"):
+        masked_psnr(pred, b, torch.zeros(12, 12, dtype=torch.bool))
+
+
+def test_flat_disc_keeps_alpha_and_the_mean_colour() -> None:
+    target = torch.zeros(4, 6, 6)
+    target[3, 1:4, 1:4] = 1.0
+    target[0, 1:4, 1:4] = torch.linspace(0.0, 1.0, 9).view(3, 3)  # red varies, mean 0.5
+    target[1, 1:4, 1:4] = 0.25
+    disc = flat_disc(target)
+    assert torch.equal(disc[3], target[3])
+    torch.testing.assert_close(disc[0, 1:4, 1:4], torch.full((3, 3), 0.5))
+    torch.testing.assert_close(disc[1], target[1])
+    assert disc[2].abs().sum() == 0
+
+
+def test_eval_reports_other_seeds_a_curve_and_the_trivial_baselines() -> None:
+    values = {**dict(i.split("=") for i in TINY), "img_size": 10, "samples": 0, "damage": True}
+    task = GrowTask(build_config(GrowConfig, values), torch.device("cpu"))
+    torch.manual_seed(1)
+    model = task.build_model()
+    with torch.no_grad():  # a rule that does something (a fresh one starts at zero)
+        model.rule.fc1.weight.normal_(0.0, 0.1)
+        val, test, again = task.validate(model), task.test(model), task.test(model)
+    assert test == again  # seeded
+    steps = task.val_steps
+    curve = {f"psnr_at_{s}" for s in sorted({max(1, round(f * steps)) for f in (0.5, 1, 2, 4)})}
+    assert {"psnr", "psnr_alpha", "ssim", "psnr_long", "psnr_regrow", "psnr_alpha_regrow"} | curve <= set(
+        test
+    )
+    assert test[f"psnr_at_{steps}"] == test["psnr"]
+    assert test["psnr"] != val["psnr"]  # other fire masks than the validation that chose best.pt
+    base = task.baselines()
+    assert base["flat_disc"]["psnr"] > base["empty"]["psnr"]
+    assert base["flat_disc"]["psnr_alpha"] > base["empty"]["psnr_alpha"]
+    target = task.target[None]
+    assert base["empty"]["psnr"] == pytest.approx(float(psnr(torch.zeros_like(target), target)), abs=1e-4)
+
+
+def test_grow_eval_cli_prints_baselines(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["train", "--task", "grow", "--out", str(out), "--epochs", "1", "--set", "samples=0"]
+    for item in TINY:
+        args += ["--set", item]
+    assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, ["eval", "-c", str(out / "checkpoints" / "best.pt"), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert {"flat_disc", "empty"} == set(summary["baselines"])
+    assert "psnr_alpha" in summary["metrics"] and "psnr_alpha" in summary["baselines"]["flat_disc"]
+
+
+# ----------------------------------------------------------------------------------- Growing NCA's recipe
+def test_step_schedule_and_per_parameter_gradient_normalisation(tmp_path: Path) -> None:
+    values = {**dict(i.split("=") for i in TINY), "samples": 0, "epochs": 2, "iters_per_epoch": 3}
+    cfg = build_config(
+        GrowConfig,
+        {**values, "lr": 0.01, "lr_schedule": "step", "lr_milestones": "2,5", "grad_normalize": True},
+    )
+    trainer = Trainer(GrowTask(cfg, torch.device("cpu")), tmp_path / "run", torch.device("cpu"))
+    seen: list[tuple[float, list[float]]] = []
+
+    def spy(optimizer: torch.optim.Optimizer, *_: object) -> None:
+        norms = [float(p.grad.norm()) for p in trainer.model.parameters() if p.grad is not None]
+        seen.append((optimizer.param_groups[0]["lr"], norms))
+
+    trainer.optimizer.register_step_pre_hook(spy)
+    trainer.fit()
+    assert [lr for lr, _ in seen] == pytest.approx([0.01, 0.01, 0.001, 0.001, 0.001, 0.0001])
+    for _, norms in seen[1:]:  # the rule's last layer has a gradient from the first step on
+        assert norms == pytest.approx([1.0] * len(norms), abs=1e-4)  # norm / (norm + 1e-8)
+    # the schedule's position survives a resume: 6 steps done, the next is at 0.0001
+    resumed = Trainer(
+        GrowTask(replace(cfg, epochs=3), torch.device("cpu")), tmp_path / "run", torch.device("cpu")
+    )
+    resumed.resume()
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.0001)
+
+
+def test_unknown_lr_schedule_is_refused(tmp_path: Path) -> None:
+    args = ["train", "--task", "grow", "--out", str(tmp_path / "r"), "--set", "lr_schedule=cosine"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "lr_schedule must be plateau or step" in result.stderr

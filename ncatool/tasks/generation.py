@@ -104,13 +104,15 @@ class GenerationRunner:
         }
 
     def evaluate(self, request: EvalRequest) -> dict[str, Any]:
-        """Score the model with its task's own validation (same seeds as training validation).
+        """Score the model with its task's ``test`` (grow: other seeds than the validation that chose
+        best.pt, and the trivial baselines beside) or else its validation.
 
         The training task is rebuilt from the run's config; ``request.data`` replaces the run's data
         path (e.g. when the files moved).
 
         Returns:
-            ``{"task", "checkpoint", "data", "metrics": {...}}``.
+            ``{"task", "checkpoint", "data", "metrics": {...}}`` and, where the task has them,
+            ``"baselines": {name: {...}}``.
         """
         request.refuse(self.task, "context_size")
         from dataclasses import replace
@@ -127,14 +129,18 @@ class GenerationRunner:
         if request.data is not None:
             cfg = replace(cfg, data=str(request.data))
         task = make_task(replace(cfg, device=str(self.device)), self.device)
+        # a task that separates them reports on other seeds than the validation that chose best.pt
+        score = getattr(task, "test", task.validate)
         with torch.no_grad(), autocast(self.device, self.amp):
-            metrics = {k: float(v) for k, v in task.validate(self.model).items()}
+            metrics = {k: float(v) for k, v in score(self.model).items()}
         summary = {
             "task": self.task,
             "checkpoint": str(self.checkpoint.path),
             "data": cfg.data or None,
             "metrics": metrics,
         }
+        if hasattr(task, "baselines"):
+            summary["baselines"] = task.baselines()
         if request.output is not None:
             write_scores(summary, request.output)
         return summary

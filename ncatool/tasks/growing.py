@@ -20,6 +20,13 @@ Validation grows ``val_samples`` seeds for ``val_steps`` steps (fixed noise) and
 (dB, premultiplied RGBA clipped to [0, 1] against the target over the whole grid; the score),
 ``psnr_long`` after as many steps again (persistence) and, with damage, ``psnr_regrow`` after a
 circle is erased from the grown states and they run ``val_steps`` more steps.
+
+``ncatool eval`` reports on other noise than the validation that chose ``best.pt`` (``test_samples``
+seeds, :data:`TEST_SEED_OFFSET`): the same PSNRs, ``psnr_alpha`` (only inside the target's alpha, where
+the picture is), ``ssim``, the PSNR curve over steps (``psnr_at_N``: does growth settle?) and, beside
+them, the two trivial baselines on the same grid: an empty grid and a flat disc (the target's alpha
+filled with its mean colour). A figure below the flat disc says the automaton grows the shape, not
+the picture.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from torch import nn
 from ncatool.config import TrainConfig
 from ncatool.distributed import world
 from ncatool.errors import NcaError
-from ncatool.image_losses import canonical_loss_name, per_sample_loss, psnr
+from ncatool.image_losses import canonical_loss_name, masked_psnr, per_sample_loss, psnr, ssim
 from ncatool.models.filters import FIXED_FILTERS
 from ncatool.models.growing import ALPHA_CHANNEL, SamplePool, circle_masks, growing_nca_config, make_seed
 from ncatool.models.nca import NCA, PADDING_MODES, NCAConfig
@@ -49,6 +56,14 @@ from ncatool.viz.grid import TILES_PER_ROW_2D, in_rows, save_grid, tile_grid, up
 
 #: The default target, shipped inside the package (:mod:`ncatool.resources`).
 DEFAULT_TARGET = resource_path("retina", "retina_rgba_64.png")
+
+
+#: ``ncatool eval`` grows from ``seed + TEST_SEED_OFFSET`` (validation, which picks best.pt, from ``seed``).
+TEST_SEED_OFFSET = 1_000_003
+#: SSIM's Gaussian window (the standard 11 x 11); grids smaller than that get no SSIM.
+SSIM_WINDOW = 11
+#: The PSNR curve ``ncatool eval`` reports, in multiples of the validation steps.
+CURVE_FACTORS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
 
 
 #: Seed 001 (``train_config.yaml`` of the Growing-NCA-on-MedMNIST repository) → ncatool names.
@@ -94,7 +109,8 @@ class GrowConfig(TrainConfig):
     loss: str = "L2"  # L1 | L2 | Manhattan | Hinge (see ncatool.image_losses)
     hinge_margin: float = 0.02  # margin of the Hinge loss
     val_steps: int = 0  # steps grown for validation, prediction and animation; 0 = train_steps[1]
-    val_samples: int = 4  # seeds grown for validation
+    val_samples: int = 8  # seeds grown for validation (choosing best.pt)
+    test_samples: int = 16  # seeds grown by ncatool eval, with noise validation never saw
     lr: float = 2e-3  # Growing NCA
     epochs: int = 80  # 80 x 100 iterations = Growing NCA's 8000
     iters_per_epoch: int = 100  # 0 = pool_size // batch_size
@@ -235,8 +251,8 @@ def check_grow_config(cfg: GrowConfig) -> None:
         raise NcaError(f"damage_n must be >= 0 and damage_radius (min, max), got {cfg.damage_radius}")
     if cfg.hinge_margin < 0:
         raise NcaError(f"hinge_margin must be >= 0, got {cfg.hinge_margin}")
-    if cfg.val_steps < 0 or cfg.val_samples < 1:
-        raise NcaError("val_steps must be >= 0 and val_samples >= 1")
+    if cfg.val_steps < 0 or cfg.val_samples < 1 or cfg.test_samples < 1:
+        raise NcaError("val_steps must be >= 0, val_samples and test_samples >= 1")
 
 
 # ------------------------------------------------------------------------------------------ target
@@ -342,6 +358,20 @@ def load_target(
     return F.pad(x, pads)[0].clamp(0.0, 1.0)
 
 
+def flat_disc(target: torch.Tensor) -> torch.Tensor:
+    """The trivial baseline with the exact shape: the target's alpha filled with its mean colour.
+
+    Args:
+        target: ``(4, H, W)`` premultiplied RGBA.
+
+    Returns:
+        ``(4, H, W)``: premultiplied RGB = alpha x (alpha-weighted mean of the straight colour), alpha.
+    """
+    alpha = target[ALPHA_CHANNEL : ALPHA_CHANNEL + 1]
+    mean_colour = target[:ALPHA_CHANNEL].sum((1, 2), keepdim=True) / alpha.sum().clamp_min(1e-8)
+    return torch.cat([mean_colour * alpha, alpha])
+
+
 def isolated_rng(device: torch.device) -> Any:
     """Isolate validation noise from the training RNG streams."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
@@ -416,29 +446,80 @@ class GrowTask:
     def _grow(self, model: nn.Module, n: int, steps: int) -> torch.Tensor:
         return model(self.seed.unsqueeze(0).repeat(n, 1, 1, 1), steps)
 
+    def _psnr(self, states: torch.Tensor) -> float:
+        """Mean whole-grid PSNR of states ``(B, C, H, W)`` against the target."""
+        rgba = states[:, : ALPHA_CHANNEL + 1]
+        return float(psnr(rgba, self.target.expand_as(rgba), max_db=100.0).mean())
+
+    def image_scores(self, states: torch.Tensor) -> dict[str, float]:
+        """``psnr`` (whole grid), ``psnr_alpha`` (inside the target's alpha) and ``ssim`` of states
+        ``(B, C, H, W)`` (RGBA = the first four channels), means over the batch."""
+        rgba = states[:, : ALPHA_CHANNEL + 1].float()
+        target = self.target.expand_as(rgba)
+        inside = self.target[ALPHA_CHANNEL] > 0
+        scores = {
+            "psnr": self._psnr(states),
+            "psnr_alpha": float(masked_psnr(rgba, target, inside).clamp_max(100.0).mean()),
+        }
+        if min(rgba.shape[-2:]) >= SSIM_WINDOW:
+            scores["ssim"] = float(ssim(rgba, target, window=SSIM_WINDOW).mean())
+        return scores
+
+    def _regrown(self, model: nn.Module, grown: torch.Tensor) -> torch.Tensor:
+        """Erase a random circle from each state and run ``val_steps`` more steps."""
+        n, (h, w) = grown.shape[0], grown.shape[-2:]
+        hurt = grown * circle_masks(n, h, w, self.config.damage_radius, device=grown.device).to(grown.dtype)
+        return model(hurt, self.val_steps)
+
     def validate(self, model: nn.Module) -> dict[str, float]:
         """PSNR after ``val_steps`` from the seed, after twice as many, and after damage + regrowth."""
         cfg = self.config
-        n = cfg.val_samples
         with isolated_rng(self.device):
             torch.manual_seed(cfg.seed)
-            grown = self._grow(model, n, self.val_steps)
-            longer = model(grown, self.val_steps)
-            tgt = self.target.expand(n, -1, -1, -1)
-
-            def score(x: torch.Tensor) -> float:
-                return float(psnr(x[:, : ALPHA_CHANNEL + 1], tgt, max_db=100.0).mean())
-
+            grown = self._grow(model, cfg.val_samples, self.val_steps)
             out = {
-                "psnr": score(grown),
+                "psnr": self._psnr(grown),
                 "loss": float(self.per_sample_loss(grown.float()).mean()),
-                "psnr_long": score(longer),
+                "psnr_long": self._psnr(model(grown, self.val_steps)),
             }
             if cfg.damage:
-                h, w = grown.shape[-2:]
-                hurt = grown * circle_masks(n, h, w, cfg.damage_radius, device=grown.device).to(grown.dtype)
-                out["psnr_regrow"] = score(model(hurt, self.val_steps))
+                out["psnr_regrow"] = self._psnr(self._regrown(model, grown))
         return out
+
+    def test(self, model: nn.Module) -> dict[str, float]:
+        """What ``ncatool eval`` reports: scores on ``test_samples`` growths whose noise validation (and
+        so the choice of best.pt) never saw.
+
+        Returns:
+            :meth:`image_scores` after ``val_steps``; ``psnr_long`` after twice as many; ``psnr_at_N``
+            for N in :data:`CURVE_FACTORS` x ``val_steps``; with damage, ``psnr_regrow`` and
+            ``psnr_alpha_regrow`` (erase a circle from the grown states, run ``val_steps`` more).
+        """
+        cfg = self.config
+        curve = sorted({max(1, round(f * self.val_steps)) for f in CURVE_FACTORS})
+        with isolated_rng(self.device):
+            torch.manual_seed(cfg.seed + TEST_SEED_OFFSET)
+            x, done, at = self.seed.unsqueeze(0).repeat(cfg.test_samples, 1, 1, 1), 0, {}
+            for steps in curve:  # one rollout, scored on the way
+                x = model(x, steps - done)
+                done, at[steps] = steps, x
+            grown = at[self.val_steps]
+            out = self.image_scores(grown)
+            out["psnr_long"] = self._psnr(model(grown, self.val_steps))
+            out.update({f"psnr_at_{steps}": self._psnr(states) for steps, states in at.items()})
+            if cfg.damage:
+                regrown = self.image_scores(self._regrown(model, grown))
+                out.update(psnr_regrow=regrown["psnr"], psnr_alpha_regrow=regrown["psnr_alpha"])
+        return out
+
+    def baselines(self) -> dict[str, dict[str, float]]:
+        """The trivial baselines' :meth:`image_scores` on this target and grid: an empty grid and a flat
+        disc (:func:`flat_disc`)."""
+        empty = torch.zeros_like(self.target)
+        return {
+            "flat_disc": self.image_scores(flat_disc(self.target).unsqueeze(0)),
+            "empty": self.image_scores(empty.unsqueeze(0)),
+        }
 
     def save_samples(self, model: nn.Module, path: Path) -> None:
         """Row 1: target, then growth from the seed; row 2: up to ``samples`` x 3 pool entries."""
