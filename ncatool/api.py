@@ -7,17 +7,19 @@ The other entry points of the API live where their work is done and are re-expor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 
 def train(
     task: str | None = None,
-    data: str | Path | None = None,
+    data: str | Path | Sequence[str | Path] | None = None,
     *,
     config: str | Path | None = None,
     out: str | Path | None = None,
     resume: str | Path | None = None,
+    init: str | Path | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Train an NCA of ``task`` (``seg2d``, ``seg3d``, ``grow``, ``digits``): ``ncatool train``.
@@ -30,10 +32,13 @@ def train(
     Args:
         task: The task; may come from ``config`` or ``resume`` instead.
         data: The data: an nnU-Net raw dataset (segmentation), a target image (grow), MNIST IDX or
-            NPZ (digits); grow and digits default to the data shipped in the package.
+            NPZ (digits), several datasets (incontext: a list, as ``--data`` repeated); grow and digits
+            default to the data shipped in the package.
         config: A config file, e.g. a run's ``config.json``.
         out: The run folder (default ``runs/<task>_<time>``).
         resume: Continue the run in this folder from ``checkpoints/last.pt``.
+        init: Start from this checkpoint's weights (``--init``: new optimizer and counters), e.g.
+            stage 2 of ``incontext`` from stage 1.
         **settings: Config fields, e.g. ``epochs=5``, ``lr=1e-3``, ``device="cpu"``.
 
     Returns:
@@ -47,8 +52,11 @@ def train(
     from ncatool.commands.train import run_training
 
     values = dict(settings)
-    if data is not None:
+    if isinstance(data, str | Path):
         values["data"] = str(data)
+    elif data is not None:  # as the command line passes a repeated --data
+        items = [str(d) for d in data]
+        values["data"] = items if len(items) > 1 else items[0]
     return run_training(
         task,
         Path(config) if config is not None else None,
@@ -56,6 +64,7 @@ def train(
         Path(resume) if resume is not None else None,
         values,
         [],
+        Path(init) if init is not None else None,
     )
 
 

@@ -384,3 +384,25 @@ def test_predict_one_label_with_an_ensemble_writes_its_std_map(
     assert all(row["quality"] is not None for row in result["cases"])
     assert set(np.unique(read_image(out / "c000.nii.gz").array)) <= {0, 2}
     assert read_image(out / "c000_std.nii.gz").array.shape == (20, 20)
+
+
+def test_api_train_takes_a_list_of_datasets_and_init(tmp_path: Path) -> None:
+    """``ncatool.train(data=[a, b], init=...)`` is ``--data a --data b --init ...``."""
+    import ncatool
+
+    a = write_dataset(tmp_path, 101, 2, cases=4, size=20, seed=1)
+    b = write_dataset(tmp_path, 102, 2, cases=4, size=20, seed=2)
+    tiny = {**TINY, "samples": "0", "epochs": "1"}
+    first = ncatool.train("incontext", [a, b], out=tmp_path / "ic1", stage=1, **tiny)
+    assert json.loads((tmp_path / "ic1" / "config.json").read_text())["data"] == [str(a), str(b)]
+    ncatool.train(
+        "incontext",
+        (a, b),
+        out=tmp_path / "ic2",
+        stage=2,
+        init=Path(first["run_dir"]) / "checkpoints" / "best.pt",
+        **tiny,
+    )
+    assert json.loads((tmp_path / "ic2" / "config.json").read_text())["lr"] == pytest.approx(
+        0.2 * InContextConfig.lr
+    )
