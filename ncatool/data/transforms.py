@@ -1,4 +1,5 @@
-"""Array transforms for NCA training items: resizing, patches, flips, rotations, one-hot targets.
+"""Array transforms for NCA training items: resizing, patches, flips, rotations, one-hot targets,
+intensity bins.
 
 Pure functions on torch tensors (randomness comes in as a NumPy generator), used by the torch
 datasets (:mod:`ncatool.data.datasets`), by the tasks and by inference. Layouts: an image is
@@ -262,3 +263,37 @@ def one_hot_foreground(label: torch.Tensor, num_classes: int) -> torch.Tensor:
         raise ValueError(f"num_classes must be >= 2 (background + foreground), got {num_classes}")
     classes = torch.arange(1, num_classes, device=label.device).view(-1, *([1] * label.ndim))
     return (label.unsqueeze(0) == classes).to(torch.float32)
+
+
+def intensity_bins(image: torch.Tensor, count: int, low: float, high: float) -> torch.Tensor:
+    """The image followed by ``count`` soft intensity bins of each of its channels.
+
+    Bin ``j`` of a channel is the hat function ``max(0, 1 - |x - c_j| / h)`` around the centre
+    ``c_j = low + j * h``, ``h = (high - low) / (count - 1)``, with ``x`` clamped to ``[low, high]``:
+    every voxel's bins sum to 1 (at most two are non-zero) and a linear read-out of them is any
+    piecewise-linear function of the intensity with knots at the centres. A per-cell MLP that sees
+    them can place a sharp intensity threshold anywhere with one weight per bin, which it learns
+    slowly from the raw intensity alone (tissue classes on MRI are mostly intensity bands).
+
+    Args:
+        image: ``(B, C, *spatial)`` normalised image.
+        count: Bins per channel (>= 2).
+        low: Centre of the first bin (intensities below count as ``low``).
+        high: Centre of the last bin (intensities above count as ``high``).
+
+    Returns:
+        ``(B, C * (1 + count), *spatial)`` in ``image``'s dtype: the ``C`` image channels, then
+        ``count`` bins of channel 0, ``count`` bins of channel 1, ...
+    """
+    if count < 2:
+        raise ValueError(f"count must be >= 2, got {count}")
+    if not low < high:
+        raise ValueError(f"need low < high, got {low}, {high}")
+    batch, channels, spatial = image.shape[0], image.shape[1], image.shape[2:]
+    step = (high - low) / (count - 1)
+    position = (image.clamp(low, high) - low) / step  # (B, C, *S), in units of bins
+    centres = torch.arange(count, device=image.device, dtype=image.dtype).view(
+        1, 1, count, *([1] * len(spatial))
+    )
+    bins = (1.0 - (position.unsqueeze(2) - centres).abs()).clamp_(min=0.0)  # (B, C, K, *S)
+    return torch.cat([image, bins.reshape(batch, channels * count, *spatial)], dim=1)

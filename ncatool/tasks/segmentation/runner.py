@@ -67,7 +67,8 @@ from ncatool.errors import NcaError
 from ncatool.evaluate import EVAL_SPLITS
 from ncatool.models.segmentation import SegmentationNCA, SegModelConfig, probs_to_labels
 from ncatool.runtime import AnimateRequest, Checkpoint, EvalRequest, PredictRequest, autocast, load_weights
-from ncatool.tasks.segmentation.task import SegConfig
+from ncatool.tasks.segmentation.inputs import build_segmentation_model, image_channels
+from ncatool.tasks.segmentation.task import SegConfig, bin_range
 
 if TYPE_CHECKING:
     from ncatool.tasks.segmentation.animation import SegSource
@@ -161,7 +162,15 @@ class SegmentationRunner:
         Raises:
             NcaError: The checkpoint lacks the model shape or its weights do not fit it.
         """
-        model = SegmentationNCA(model_config(dict(checkpoint.task_state.get("model") or {}), checkpoint.path))
+        config: SegConfig = checkpoint.config  # type: ignore[assignment]
+        shape = model_config(dict(checkpoint.task_state.get("model") or {}), checkpoint.path)
+        bins = config.intensity_bins
+        try:
+            model = build_segmentation_model(shape, bins, bin_range(config) if bins else (0.0, 1.0))
+        except ValueError as err:
+            raise NcaError(
+                f"checkpoint does not describe a valid segmentation model ({err})", checkpoint.path
+            ) from err
         load_weights(model, checkpoint)
         runner = cls(model, checkpoint.config, device, amp, path=checkpoint.path)  # type: ignore[arg-type]
         runner.split = dict(checkpoint.task_state.get("split") or {})
@@ -175,8 +184,8 @@ class SegmentationRunner:
 
     @property
     def in_channels(self) -> int:
-        """Image channels the model expects."""
-        return self.cfg.in_channels
+        """Image channels the model expects (its intensity bins, if any, it computes itself)."""
+        return image_channels(self.cfg, self.config.intensity_bins)
 
     @property
     def n_out(self) -> int:

@@ -2,7 +2,8 @@
 
 Both use :class:`ncatool.models.segmentation.SegmentationNCA` and differ only in defaults. ``seg2d``
 trains on 2D images, or on 2D slices of 3D volumes; ``seg3d`` on whole volumes with the top level on
-random patches.
+random patches. With ``intensity_bins = K`` the model also sees K soft bins of each channel's
+normalised intensity as fixed inputs (:mod:`ncatool.tasks.segmentation.inputs`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from torch import nn
 from ncatool.config import TrainConfig
 from ncatool.errors import NcaError
 from ncatool.losses import SEG_LOSSES, make_seg_loss
-from ncatool.models.segmentation import SegmentationNCA, SegModelConfig, crop, probs_to_labels
+from ncatool.models.segmentation import SegModelConfig, crop, probs_to_labels
+from ncatool.tasks.segmentation.inputs import build_segmentation_model
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,37 @@ class SegConfig(TrainConfig):
     loss: str = "dicefocal"  # dicefocal | dice | focal | bce
     dice_weight: float = 1.0
     focal_weight: float = 1.0
+    # K >= 2: K soft bins of each channel's normalised intensity as extra fixed inputs (0 = off)
+    intensity_bins: int = 0
+    # centres of the first and last bin; None: [0, 1] for ct/minmax, [-3, 3] for zscore
+    intensity_range: tuple[float, float] | None = None
+
+
+#: The span of the intensity bins when ``intensity_range`` is not set, by normalisation.
+DEFAULT_BIN_RANGES = {"ct": (0.0, 1.0), "minmax": (0.0, 1.0), "zscore": (-3.0, 3.0)}
+
+
+def bin_range(cfg: SegConfig) -> tuple[float, float]:
+    """Centres of the first and last intensity bin of ``cfg`` (``intensity_range`` or the default).
+
+    Raises:
+        NcaError: No range is set and the normalisation has no default (``none``), or it is not
+            ``LOW < HIGH``.
+    """
+    if cfg.intensity_range is None:
+        if cfg.normalization not in DEFAULT_BIN_RANGES:
+            raise NcaError(
+                f"intensity_bins with normalization={cfg.normalization!r} needs intensity_range=LOW,HIGH "
+                "(the intensities the bins span)"
+            )
+        return DEFAULT_BIN_RANGES[cfg.normalization]
+    try:
+        low, high = (float(v) for v in cfg.intensity_range)
+    except (TypeError, ValueError) as err:
+        raise NcaError(f"intensity_range must be two numbers LOW,HIGH, got {cfg.intensity_range!r}") from err
+    if not low < high:
+        raise NcaError(f"intensity_range must have LOW < HIGH, got {cfg.intensity_range!r}")
+    return low, high
 
 
 @dataclass(frozen=True)
@@ -93,6 +126,10 @@ def check_seg_task_config(cfg: SegConfig) -> None:
         raise NcaError(f"target_size needs {cfg.dim} values for {cfg.task}, got {cfg.target_size}")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise NcaError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.intensity_bins < 0 or cfg.intensity_bins == 1:
+        raise NcaError(f"intensity_bins must be 0 (off) or at least 2, got {cfg.intensity_bins}")
+    if cfg.intensity_bins:
+        bin_range(cfg)
 
 
 def common_crop(items: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -172,7 +209,7 @@ class SegmentationTask:
         cfg = self.config
         return SegModelConfig(
             dim=cfg.dim,
-            in_channels=self.in_channels,
+            in_channels=self.in_channels * (1 + cfg.intensity_bins),
             n_out=self.n_out,
             channels=cfg.channels,
             hidden=cfg.hidden,
@@ -187,11 +224,14 @@ class SegmentationTask:
         )
 
     def build_model(self) -> nn.Module:
-        """A fresh :class:`SegmentationNCA`."""
+        """A fresh :class:`SegmentationNCA` (with intensity bins if the run asks for them)."""
+        cfg = self.config
+        bins = cfg.intensity_bins
         try:
-            return SegmentationNCA(self.model_config())
+            return build_segmentation_model(self.model_config(), bins, bin_range(cfg) if bins else (0.0, 1.0))
         except ValueError as err:
-            raise NcaError(f"invalid model settings: {err}") from err
+            extra = f" (with {bins} intensity bins per image channel)" if bins else ""
+            raise NcaError(f"invalid model settings{extra}: {err}") from err
 
     def batches(self, epoch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Shuffled training batches ``(image (B, C, *S), target (B, K, *S))``."""
