@@ -51,7 +51,7 @@ def mock_data(
         typer.Option(
             "--noise",
             min=0.0,
-            help="Gaussian noise std relative to object/background contrast. Default: 0.1 (easy), 0.25 (hard).",
+            help="Gaussian noise std relative to object/background contrast. Default: 0.1 (easy), 0.15 (hard).",
         ),
     ] = None,
     bias: Annotated[
@@ -59,7 +59,7 @@ def mock_data(
         typer.Option(
             "--bias",
             min=0.0,
-            help="Strength of the smooth multiplicative bias field (0 = off). Default: 0.2 (easy), 0.3 (hard).",
+            help="Strength of the smooth multiplicative bias field (0 = off). Default: 0.2 (easy), 0.15 (hard).",
         ),
     ] = None,
     difficulty: Annotated[
@@ -67,8 +67,8 @@ def mock_data(
         typer.Option(
             "--difficulty",
             help="Preset: easy (one bright object, weak noise: a threshold solves it) or hard (three "
-            "labels a small intensity step apart, fine texture, stronger noise and bias field, "
-            "touching objects). Options given explicitly override the preset.",
+            "labels a small intensity step apart, fine texture on top of the noise, touching "
+            "objects). Options given explicitly override the preset.",
         ),
     ] = Difficulty.easy,
     contrast: Annotated[
@@ -76,7 +76,7 @@ def mock_data(
         typer.Option(
             "--contrast",
             help="Intensity step from the background to label 1 and between labels (background 0..0.2). "
-            "Default: objects at 0.5..1.0 (easy), 0.2 (hard).",
+            "Default: objects at 0.5..1.0 (easy), 0.25 (hard).",
         ),
     ] = None,
     texture: Annotated[
@@ -85,7 +85,7 @@ def mock_data(
             "--texture",
             min=0.0,
             help="Fine random texture, std relative to the object/background contrast. "
-            "Default: 0 (easy), 0.25 (hard).",
+            "Default: 0 (easy), 0.15 (hard).",
         ),
     ] = None,
     touching: Annotated[
