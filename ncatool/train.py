@@ -550,6 +550,7 @@ def lock_run_folder(run_dir: Path, hold: bool = True) -> Iterator[None]:
         return
     import fcntl
 
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / ".lock"
     fh = open(path, "a+")  # noqa: SIM115  (held open for the whole run)
@@ -569,6 +570,10 @@ def lock_run_folder(run_dir: Path, hold: bool = True) -> Iterator[None]:
         yield
     finally:
         fh.close()
+        if created and [p.name for p in run_dir.iterdir()] == [".lock"]:
+            # the run failed before writing anything (e.g. a setting the task refused): leave no folder
+            path.unlink(missing_ok=True)
+            run_dir.rmdir()
 
 
 def batch_size_of(batch: Any) -> int:

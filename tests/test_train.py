@@ -218,7 +218,7 @@ def test_train_bad_input_exit_2(args: list[str], needle: str, tmp_path: Path) ->
     assert result.exit_code == 2, result.output
     assert needle in result.stderr
     assert "Traceback" not in result.output
-    assert not (tmp_path / "r" / "checkpoints").exists()
+    assert not (tmp_path / "r").exists()  # nothing half-written: not even the run folder
 
 
 def test_time_limit_stops_after_the_epoch_that_reaches_it(
