@@ -292,7 +292,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="nnU-Net raw dataset (DatasetNNN_Name)")
     parser.add_argument("--configuration", choices=sorted(CONFIGURATIONS.values()), required=True)
     parser.add_argument("--seconds", type=float, required=True, help="wall-clock budget of nnUNetv2_train")
-    parser.add_argument("--work", type=Path, required=True, help="folder for everything nnU-Net writes")
+    parser.add_argument(
+        "--work", type=Path, required=True, help="folder for everything nnU-Net writes (emptied first)"
+    )
     args = parser.parse_args()
     if not (args.data / "dataset.json").is_file():
         raise SystemExit(f"{args.data}: no dataset.json (run `ncatool prepare` first)")
