@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ncatool.data.io import Image, write_image
 
@@ -67,3 +68,14 @@ def toy_dataset(tmp_path: Path) -> Callable[..., Path]:
         return write_toy_dataset(tmp_path / f"raw{dim}d", dim, cases, size)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module of tiny tensors: OpenMP threads spin and wait on a busy machine
+    (5x slower here) and gain nothing on tensors this small. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

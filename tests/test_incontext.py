@@ -4,7 +4,6 @@ inputs, a learning smoke test, and the label-map synthesiser."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +37,7 @@ TINY_3D = {**TINY, "target_size": "8,8,8", "steps": "3,3", "scales": "1,2"}
 SPACING_2D, ORIGIN_2D = (0.8, 1.3), (5.0, -2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread avoids OpenMP spinning on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 
 
 def write_dataset(

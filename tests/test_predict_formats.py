@@ -9,12 +9,10 @@ their references.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image as PILImage
 from typer.testing import CliRunner
 
@@ -25,12 +23,7 @@ runner = CliRunner()
 TINY = ["target_size=24,24", "steps=3,3", "hidden=8", "channels=8", "patch=0,8", "scale=2", "kernels=3,3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 
 
 def _invoke(*args: str) -> str:
