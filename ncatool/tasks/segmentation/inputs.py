@@ -65,8 +65,3 @@ def build_segmentation_model(
     if bins:
         return BinnedSegmentationNCA(shape, bins, *bin_range)
     return SegmentationNCA(shape)
-
-
-def image_channels(shape: SegModelConfig, bins: int) -> int:
-    """Image channels a model of ``shape`` with ``bins`` bins per channel takes."""
-    return shape.in_channels // (1 + bins) if bins else shape.in_channels

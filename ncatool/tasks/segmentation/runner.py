@@ -67,7 +67,7 @@ from ncatool.errors import NcaError
 from ncatool.evaluate import EVAL_SPLITS
 from ncatool.models.segmentation import SegmentationNCA, SegModelConfig, probs_to_labels
 from ncatool.runtime import AnimateRequest, Checkpoint, EvalRequest, PredictRequest, autocast, load_weights
-from ncatool.tasks.segmentation.inputs import build_segmentation_model, image_channels
+from ncatool.tasks.segmentation.inputs import build_segmentation_model
 from ncatool.tasks.segmentation.task import SegConfig, bin_range
 
 if TYPE_CHECKING:
@@ -185,7 +185,7 @@ class SegmentationRunner:
     @property
     def in_channels(self) -> int:
         """Image channels the model expects (its intensity bins, if any, it computes itself)."""
-        return image_channels(self.cfg, self.config.intensity_bins)
+        return int(getattr(self.model, "image_channels", self.cfg.in_channels))
 
     @property
     def n_out(self) -> int:
