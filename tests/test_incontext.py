@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from ncatool.cli import app
 from ncatool.config import build_config
 from ncatool.data.io import Image, read_image, write_image
-from ncatool.models.incontext import ContextStats, InContextModelConfig, InContextNCA
+from ncatool.models.incontext import ContextStats, InContextModelConfig, InContextNCA, saved_bytes
 from ncatool.tasks.incontext import InContextConfig, InContextTask
 
 runner = CliRunner()
@@ -122,28 +122,11 @@ def test_context_stats_are_sums_over_pairs_and_chunks_change_nothing_but_gradien
     assert touched.tolist() == [False, False, False, True, True]
 
 
-def _saved_bytes(model: InContextNCA, k: int, chunk: int) -> int:
-    """Bytes autograd keeps for backward in one training forward with k context pairs."""
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    torch.manual_seed(0)
-    q, ctx = torch.randn(2, 1, 16, 16), torch.randn(2, k, 1, 16, 16)
-    masks = (torch.rand(2, k, 1, 16, 16) > 0.5).float()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(q, ctx, masks, chunk=chunk)
-    return total
-
-
 def test_training_memory_does_not_grow_with_k_when_chunked() -> None:
     model = _model()
-    small, large = _saved_bytes(model, 2, 2), _saved_bytes(model, 16, 2)
+    small, large = saved_bytes(model, 2, 2, (16, 16), 2), saved_bytes(model, 16, 2, (16, 16), 2)
     assert large <= 1.3 * small, (small, large)
-    assert _saved_bytes(model, 16, 0) > 2 * small  # without chunks it grows: the test can fail
+    assert saved_bytes(model, 16, 0, (16, 16), 2) > 2 * small  # without chunks it grows: the test can fail
 
 
 def test_an_untrained_model_outputs_its_prior_and_any_k_runs() -> None:

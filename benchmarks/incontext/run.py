@@ -57,6 +57,7 @@ from ncatool.data.io import Image, write_image  # noqa: E402
 from ncatool.data.mock import SHAPES, SHAPES_2D, case_rng, generate_case  # noqa: E402
 from ncatool.data.nnunet.dataset_json import build_dataset_json, write_json  # noqa: E402
 from ncatool.data.synth import Mixture, synthesize  # noqa: E402
+from ncatool.models.incontext import saved_bytes  # noqa: E402
 
 LABELS = [SHAPES_2D[s] for s in SHAPES]  # disk, square, rectangle, ellipse, ring = 1..5
 HELD_OUT = ("ellipse", "ring")
@@ -168,23 +169,6 @@ def seg_predict(runner: Any, images: list[np.ndarray]) -> list[np.ndarray]:
         data = CaseData("q", normalize(img[None]), None, (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
         out.append(runner.predict_case(data, seed=0).labels > 0)
     return out
-
-
-def saved_bytes(model: Any, k: int, chunk: int, size: tuple[int, int]) -> int:
-    """Bytes a training forward (batch 8, k pairs) keeps for backward."""
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    torch.manual_seed(0)
-    q, ctx = torch.randn(8, 1, *size), torch.randn(8, k, 1, *size)
-    masks = (torch.rand(8, k, 1, *size) > 0.5).float()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(q, ctx, masks, chunk=chunk)
-    return total
 
 
 # ---------------------------------------------------------------------------------------------- run

@@ -401,3 +401,22 @@ class InContextNCA(nn.Module):
     def predict_proba(self, query: torch.Tensor, stats: ContextStats) -> torch.Tensor:
         """Foreground probabilities ``(B, 1, *S)``."""
         return torch.sigmoid(self.segment(query, stats)[0].float())
+
+
+def saved_bytes(model: InContextNCA, k: int, chunk: int, size: tuple[int, ...], batch: int = 8) -> int:
+    """Bytes autograd keeps for backward in one training forward of ``batch`` seeded random queries
+    of ``size`` with ``k`` context pairs each, context chunks of ``chunk`` pairs (0 = none): what the
+    chunking bounds (tests and ``benchmarks/incontext``)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    torch.manual_seed(0)
+    q, ctx = torch.randn(batch, 1, *size), torch.randn(batch, k, 1, *size)
+    masks = (torch.rand(batch, k, 1, *size) > 0.5).float()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(q, ctx, masks, chunk=chunk)
+    return total
