@@ -439,9 +439,8 @@ class GrowTask:
         w = world()
         self.pool.commit(w.all_gather_tensor(batch.indices), w.all_gather_tensor(out.detach()))
         with torch.no_grad():
-            rgba = out[:, : ALPHA_CHANNEL + 1].detach()
-            value = psnr(rgba, self.target.expand_as(rgba), max_db=100.0).mean()
-        return per.mean(), {"psnr": float(value)}
+            logs = {"psnr": self._psnr(out.detach())}
+        return per.mean(), logs
 
     def _grow(self, model: nn.Module, n: int, steps: int) -> torch.Tensor:
         return model(self.seed.unsqueeze(0).repeat(n, 1, 1, 1), steps)
