@@ -5,6 +5,8 @@ What is drawn is the checkpoint's task's business (its runner's ``animation``):
 * segmentation (:mod:`ncatool.tasks.segmentation.animation`): the input image, preprocessed as in
   training, with the predicted mask overlaid as it evolves, level after level; 3D volumes as three
   orthogonal slices, one slice or a montage;
+* in-context segmentation (:mod:`ncatool.tasks.incontext.animation`): the query with the label map
+  of the context's labels, as ``predict`` makes it, over the last level's steps;
 * growing and digits (:mod:`ncatool.tasks.generation`): the state from the seed (RGBA over white, or
   the ten digits side by side), optionally damaged part-way to show the regrowth.
 
@@ -138,7 +140,11 @@ def load_source(checkpoint: str | Path, request: AnimateRequest, device: str = "
     """
     from ncatool.runtime import load
 
-    return load(checkpoint, device).animation(request)
+    runner = load(checkpoint, device)
+    if not hasattr(runner, "prepare_context"):
+        # only a runner that can build a context takes one; the others never look at these options
+        request.refuse(runner.task, "context", "context_size", "labels")
+    return runner.animation(request)
 
 
 def auto_scale(source: Source) -> int:
@@ -218,13 +224,17 @@ def animate(
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
+    context: str | Path | None = None,
+    context_size: int | None = None,
+    labels: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """``ncatool animate``: render a checkpoint's NCA step by step.
 
     Args:
         checkpoint: A run's checkpoint (any task whose runner animates).
         output: ``.gif`` or ``.mp4`` (written atomically); may be None when ``frames_dir`` is given.
-        input_spec: Segmentation: the image to segment (see :func:`ncatool.tasks.segmentation.animation.seg_record`).
+        input_spec: Segmentation and in-context: the image to segment (see
+            :func:`ncatool.tasks.segmentation.animation.seg_record`).
         steps: Steps (segmentation: per level, ``"N"`` or ``"N1,N2"``); default the run's steps
             (grow with damage: twice the run's steps, damage half-way).
         every: Frame stride.
@@ -240,9 +250,13 @@ def animate(
         damage_at: Step after which the circle is erased (implies ``damage``).
         damage_center: ``(y, x)`` in grid pixels (implies ``damage``); default random.
         damage_radius: In grid pixels (implies ``damage``); default random in the run's range.
-        seed: Seed of the stochastic cell updates and of random damage.
+        seed: Seed of the stochastic cell updates and of random damage (in-context: also of the
+            order the context cases are taken in, as ``predict --seed``).
         device: auto, cpu, cuda, cuda:N or mps.
         progress: Show a progress bar on stderr.
+        context: In-context checkpoints: the nnU-Net dataset whose examples say what to segment.
+        context_size: In-context checkpoints: example pairs per label (None: the run's).
+        labels: In-context checkpoints: the context's labels to segment (None: all).
 
     Returns:
         A summary: ``checkpoint``, ``task``, ``output``, ``format``, ``frames_dir``, ``frames``,
@@ -274,6 +288,9 @@ def animate(
         damage_center=damage_center,
         damage_radius=damage_radius,
         seed=seed,
+        context=Path(context) if context is not None else None,
+        context_size=context_size,
+        labels=tuple(labels) if labels is not None else None,
     )
     with torch.random.fork_rng(devices=[]):
         source = load_source(checkpoint, request, device)

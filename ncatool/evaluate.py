@@ -477,6 +477,7 @@ def evaluate_checkpoint(
     amp: str = "none",
     seed: int = 0,
     context_size: Sequence[int] | None = None,
+    adapt_steps: int = 0,
 ) -> dict[str, Any]:
     """``ncatool eval --checkpoint CKPT [--data DATASET]``: the checkpoint's task scores its model.
 
@@ -497,6 +498,7 @@ def evaluate_checkpoint(
         native=native,
         seed=seed,
         context_size=tuple(context_size) if context_size else None,
+        adapt_steps=adapt_steps,
     )
     return load(checkpoint, device, amp).evaluate(request)
 
@@ -516,6 +518,7 @@ def evaluate(
     amp: str = "none",
     seed: int = 0,
     context_size: Sequence[int] | None = None,
+    adapt_steps: int = 0,
 ) -> dict[str, Any]:
     """``ncatool eval``: score predictions against references, or a checkpoint on a dataset split.
 
@@ -533,6 +536,7 @@ def evaluate(
         output: Write ``summary.json`` and ``metrics.csv`` here (with ``checkpoint`` also the predictions).
         ensemble, native, device, amp, seed: With ``checkpoint``: as for :func:`ncatool.predict.predict`.
         context_size: With an in-context ``checkpoint``: the context sizes to score.
+        adapt_steps: With an in-context ``checkpoint``: fine-tune on each context draw first.
 
     Returns:
         The summary: nnU-Net's layout (``metric_per_case``, ``mean``, ``foreground_mean``) for
@@ -553,7 +557,18 @@ def evaluate(
         return evaluate_folders(pred, gt, labels, output)
     if checkpoint is not None:
         return evaluate_checkpoint(
-            checkpoint, data, split, labels, output, ensemble, native, device, amp, seed, context_size
+            checkpoint,
+            data,
+            split,
+            labels,
+            output,
+            ensemble,
+            native,
+            device,
+            amp,
+            seed,
+            context_size,
+            adapt_steps,
         )
     raise NcaError("nothing to evaluate: give --pred DIR --gt DIR, or --checkpoint CKPT --data DATASET")
 

@@ -129,6 +129,7 @@ def predict(
     format: str = "auto",
     context: str | Path | None = None,
     context_size: int | None = None,
+    adapt_steps: int = 0,
 ) -> dict[str, Any]:
     """``ncatool predict``: run ``checkpoint``'s task on ``input_path`` (segmentation) or grow
     samples (generation) into ``output``.
@@ -152,6 +153,8 @@ def predict(
             the input's geometry for volumes), ``nifti`` or ``png``.
         context: In-context checkpoints: the nnU-Net dataset whose examples say what to segment.
         context_size: In-context checkpoints: example pairs per label (None: the run's).
+        adapt_steps: In-context checkpoints: fine-tune a copy of the model on each label's context
+            for this many steps before segmenting (0: none).
 
     Returns:
         The runner's JSON-ready summary (segmentation: one row per case under ``cases``;
@@ -175,6 +178,7 @@ def predict(
         on_case=on_case,
         context=Path(context) if context is not None else None,
         context_size=context_size,
+        adapt_steps=adapt_steps,
     )
     return load(checkpoint, device, amp).predict(request)
 

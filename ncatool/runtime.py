@@ -291,6 +291,8 @@ class PredictRequest(_Options):
         on_case: Called with each case's result row as soon as it is written.
         context: In-context segmentation: the dataset whose examples say what to segment.
         context_size: In-context segmentation: example pairs per label (None = the run's).
+        adapt_steps: In-context segmentation: fine-tune a copy of the model on each label's context
+            for this many steps first (0: no adaptation; :mod:`ncatool.tasks.incontext.adapt`).
     """
 
     output: Path
@@ -305,6 +307,7 @@ class PredictRequest(_Options):
     on_case: Callable[[dict[str, Any]], None] | None = None
     context: Path | None = None
     context_size: int | None = None
+    adapt_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -320,6 +323,8 @@ class EvalRequest(_Options):
         native: Predict at each input's own size.
         seed: Seed of the stochastic cell updates.
         context_size: In-context segmentation: the context sizes to score (None = the run's).
+        adapt_steps: In-context segmentation: fine-tune a copy of the model on each context draw
+            for this many steps before scoring the queries (0: no adaptation).
     """
 
     data: Path | None = None
@@ -330,6 +335,7 @@ class EvalRequest(_Options):
     native: bool = False
     seed: int = 0
     context_size: tuple[int, ...] | None = None
+    adapt_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -348,7 +354,10 @@ class AnimateRequest(_Options):
         damage_at: Step after which the circle is erased.
         damage_center: ``(y, x)`` in grid pixels.
         damage_radius: In grid pixels.
-        seed: Seed of random damage.
+        seed: Seed of the cell updates and of random damage (in-context: also of the context's order).
+        context: In-context segmentation: the dataset whose examples say what to segment.
+        context_size: In-context segmentation: example pairs per label (None = the run's).
+        labels: In-context segmentation: the context's labels to segment (None = all).
     """
 
     input: Path | None = None
@@ -363,6 +372,9 @@ class AnimateRequest(_Options):
     damage_center: tuple[float, float] | None = None
     damage_radius: float | None = None
     seed: int = 0
+    context: Path | None = None
+    context_size: int | None = None
+    labels: tuple[int, ...] | None = None
 
 
 class Runner(Protocol):

@@ -382,3 +382,54 @@ def test_api_train_takes_a_list_of_datasets_and_init(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "ic2" / "config.json").read_text())["lr"] == pytest.approx(
         0.2 * InContextConfig.lr
     )
+
+
+# ---------------------------------------------------------------------------------------------- adaptation
+def test_adapting_on_the_context_learns_a_task_the_prior_cannot_see_and_leaves_the_model_alone(
+    tmp_path: Path,
+) -> None:
+    """The ball's boundary: inside and rim have one intensity, so the untrained model (its Bayes
+    prior) finds nothing; 40 leave-one-out steps on 3 context pairs learn the rim for other queries."""
+    from ncatool.data.datasets import DataConfig
+    from ncatool.tasks.incontext.adapt import adapt
+    from ncatool.tasks.incontext.episodes import boundary, load_dataset
+    from ncatool.tasks.incontext.task import episode_dice
+
+    ds = load_dataset(write_dataset(tmp_path, 101, cases=8, size=16, seed=5), DataConfig(), (16, 16))
+    rims = boundary(torch.stack([ds.mask(i, [1]) for i in range(8)])[:, None])
+    torch.manual_seed(0)
+    model = _model().eval()
+    weights = [p.detach().clone() for p in model.parameters()]
+
+    def query_dice(m: InContextNCA) -> float:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            stats = m.context_stats(
+                ds.images[None, :3].expand(5, -1, -1, -1, -1), rims[None, :3].expand(5, -1, -1, -1, -1)
+            )
+            return float(np.nanmean(episode_dice(m.segment(ds.images[3:], stats)[0], rims[3:])))
+
+    tuned = adapt(model, ds.images[:3], rims[:3], 40, lr=1e-2, batch=4)
+    again = adapt(model, ds.images[:3], rims[:3], 40, lr=1e-2, batch=4)
+    assert query_dice(model) < 0.3 < 0.6 < query_dice(tuned)
+    assert all(torch.equal(a, b) for a, b in zip(tuned.parameters(), again.parameters(), strict=True))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+
+
+def test_predict_and_eval_adapt_on_request_and_other_tasks_refuse_it(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    ckpt, ds = str(trained["ckpt"]), str(trained["ds"])
+    r = _invoke("predict", "-c", ckpt, "--context", ds, "--context-size", "2", "--adapt-steps", "2",
+                "-i", ds, "-o", str(tmp_path / "p"), "--json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["adapt_steps"] == 2 and len(list((tmp_path / "p").glob("*.nii.gz"))) == 4
+    r = _invoke("eval", "-c", ckpt, "--data", ds, "--context-size", "2", "--adapt-steps", "2", "--labels", "1",
+                "--json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["adapt_steps"] == 2
+    assert summary["context_size"]["2"]["labels"]["1"]["n"] == 5 * 2  # draws x the queries outside each draw
+    seg = Path(__file__).parent / "fixtures" / "main_2f367d7" / "seg2d" / "last.pt"
+    r = _invoke("eval", "-c", str(seg), "--data", ds, "--adapt-steps", "3")
+    assert r.exit_code == 2 and "--adapt-steps does not apply" in r.output, r.output

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ncatool.commands.choices import device_option
+from ncatool.commands.choices import ContextSizeOption, device_option
 
 
 class Overlay(str, Enum):
@@ -16,6 +16,24 @@ class Overlay(str, Enum):
 
     mask = "mask"
     prob = "prob"
+
+
+#: ``--context`` and ``--labels`` of in-context checkpoints, as ``predict`` takes them.
+ContextOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--context",
+        help="incontext: nnU-Net dataset whose image/mask pairs show what to segment (one task per "
+        "label; the frames show the label map).",
+        show_default=False,
+    ),
+]
+ContextLabelsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--labels", help="incontext: which context labels, e.g. 1,2 (default: all).", show_default=False
+    ),
+]
 
 
 def _pair(text: str | None) -> tuple[float, float] | None:
@@ -47,7 +65,7 @@ def animate(
         typer.Option(
             "--input",
             "-i",
-            help="Segmentation: the image to segment (NIfTI, NRRD, MHA, PNG...); several channels as "
+            help="Segmentation and incontext: the image to segment (NIfTI, NRRD, MHA, PNG...); several channels as "
             "comma-separated files, a CASE_0000 file (its _0001... siblings come along) or a case "
             "prefix such as imagesTs/CASE.",
             show_default=False,
@@ -139,11 +157,16 @@ def animate(
         int, typer.Option("--seed", min=0, help="Seed of the cell updates and random damage.")
     ] = 0,
     device: Annotated[str, device_option("Where to run (auto: cuda, then mps, then cpu).")] = "auto",
+    context: ContextOption = None,
+    context_size: ContextSizeOption = None,
+    labels: ContextLabelsOption = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print a summary as JSON on stdout.")] = False,
 ) -> None:
-    """Render a trained NCA step by step (seg2d, seg3d, grow, digits).
+    """Render a trained NCA step by step (seg2d, seg3d, incontext, grow, digits).
 
     Segmentation: the input with the predicted mask overlaid as it evolves, every level in turn; 3D: orthogonal slices, one --axis/--slice, or a --montage.
+
+    incontext: the --input query with the label map of the --context dataset's labels (as predict makes it) over the last level's steps.
 
     grow: the image growing from the seed (with --damage: and healing). digits: all ten classes side by side.
 
@@ -156,6 +179,7 @@ def animate(
 
     from ncatool.animate import animate as run_animate
     from ncatool.console import emit_json, info
+    from ncatool.evaluate import parse_labels
 
     result = run_animate(
         checkpoint,
@@ -177,6 +201,9 @@ def animate(
         damage_radius=damage_radius,
         seed=seed,
         device=device,
+        context=context,
+        context_size=context_size,
+        labels=parse_labels(labels),
     )
     width, height = result["size"]
     where = " and ".join(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from enum import Enum
+from typing import Annotated
 
 import typer
 
@@ -49,3 +50,21 @@ def device_option(help_text: str = "Where to run.") -> typer.models.OptionInfo:
 
 
 __all__ = ["DEVICE_METAVAR", "TaskName", "TrainAmp", "check_device", "device_option"]
+
+
+def adapt_steps_option(what: str) -> typer.models.OptionInfo:
+    """``--adapt-steps`` of in-context checkpoints (``predict``, ``eval``): the fine-tuning steps on
+    ``what`` before segmenting (:mod:`ncatool.tasks.incontext.adapt`)."""
+    return typer.Option(
+        "--adapt-steps",
+        min=0,
+        help=f"incontext: first fine-tune a copy of the model on {what} for this many steps "
+        "(leave-one-out episodes of the context pairs; 0 = pure in-context).",
+    )
+
+
+#: ``--context-size`` of in-context checkpoints (``predict``, ``animate``).
+ContextSizeOption = Annotated[
+    int | None,
+    typer.Option("--context-size", min=1, help="incontext: example pairs per label (default: the run's)."),
+]

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ncatool.commands.choices import device_option
+from ncatool.commands.choices import adapt_steps_option, device_option
 
 
 class Split(str, Enum):
@@ -81,6 +81,7 @@ def evaluate(
             help="With an incontext --checkpoint: context sizes to score, e.g. 1,2,4,8 (default: the run's).",
         ),
     ] = None,
+    adapt_steps: Annotated[int, adapt_steps_option("each context draw")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout.")] = False,
 ) -> None:
     """Evaluate segmentations against ground truth (two forms, see below).
@@ -123,6 +124,7 @@ def evaluate(
         amp=amp.value,
         seed=seed,
         context_size=parse_context_sizes(context_size),
+        adapt_steps=adapt_steps,
     )
     if "metric_per_case" in summary:
         print_summary(summary, per_case=state.verbose)

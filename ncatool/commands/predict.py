@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ncatool.commands.choices import device_option
+from ncatool.commands.choices import ContextSizeOption, adapt_steps_option, device_option
 
 
 class Amp(str, Enum):
@@ -97,12 +97,8 @@ def predict(
             "output, one task per label).",
         ),
     ] = None,
-    context_size: Annotated[
-        int | None,
-        typer.Option(
-            "--context-size", min=1, help="incontext: example pairs per label (default: the run's)."
-        ),
-    ] = None,
+    context_size: ContextSizeOption = None,
+    adapt_steps: Annotated[int, adapt_steps_option("each label's context")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
 ) -> None:
     """Segment images with a trained NCA (seg2d, seg3d), or grow samples (grow, digits).
@@ -151,6 +147,7 @@ def predict(
         format=mask_format.value,
         context=context,
         context_size=context_size,
+        adapt_steps=adapt_steps,
     )
     if "cases" in result:
         _print_table(result)

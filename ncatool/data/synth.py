@@ -67,7 +67,7 @@ class Mixture:
         return Mixture({v: m + float(rng.normal(0.0, sd)) for v, m in self.means.items()}, dict(self.stds))
 
 
-def _rotation(rng: np.random.Generator, dim: int, max_deg: float) -> np.ndarray:
+def rotation_matrix(rng: np.random.Generator, dim: int, max_deg: float) -> np.ndarray:
     """A rotation of up to ``max_deg`` degrees in every plane of ``dim`` axes."""
     out = np.eye(dim)
     for a in range(dim):
@@ -96,7 +96,9 @@ def deform_labels(labels: np.ndarray, rng: np.random.Generator, strength: float 
     if strength <= 0:
         return labels.copy()
     dim, shape = labels.ndim, np.array(labels.shape, dtype=float)
-    matrix = _rotation(rng, dim, 15.0 * strength) @ np.diag(1.0 + rng.uniform(-0.1, 0.1, dim) * strength)
+    matrix = rotation_matrix(rng, dim, 15.0 * strength) @ np.diag(
+        1.0 + rng.uniform(-0.1, 0.1, dim) * strength
+    )
     shear = np.eye(dim) + np.triu(rng.uniform(-0.05, 0.05, (dim, dim)) * strength, 1)
     matrix = matrix @ shear
     centre = (shape - 1) / 2

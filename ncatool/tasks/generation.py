@@ -83,7 +83,7 @@ class GenerationRunner:
 
     def predict(self, request: PredictRequest) -> dict[str, Any]:
         """Grow ``request.samples`` samples from the seed (seeded) and write them as PNGs."""
-        request.refuse(self.task, "input", "ensemble", "native", "context", "context_size")
+        request.refuse(self.task, "input", "ensemble", "native", "context", "context_size", "adapt_steps")
         steps = self.default_steps() if request.steps is None else request.steps
         if steps < 1:
             raise NcaError(f"--steps must be >= 1, got {steps}")
@@ -114,7 +114,7 @@ class GenerationRunner:
             ``{"task", "checkpoint", "data", "metrics": {...}}`` and, where the task has them,
             ``"baselines": {name: {...}}``.
         """
-        request.refuse(self.task, "context_size")
+        request.refuse(self.task, "context_size", "adapt_steps")
         from dataclasses import replace
 
         from ncatool.evaluate import write_scores

@@ -46,12 +46,14 @@ QUERY_BATCH = 16
 
 @dataclass
 class LabelContext:
-    """The context of one label: its value, name and the summed stats of its K pairs (``B = 1``)."""
+    """The context of one label: its value, name and the summed stats of its K pairs (``B = 1``),
+    and with ``--adapt-steps`` the copy of the model fine-tuned on them (else the runner's model)."""
 
     value: int
     name: str
     stats: ContextStats
     cases: list[str]
+    model: InContextNCA | None = None
 
 
 @dataclass
@@ -208,8 +210,37 @@ class InContextRunner(SegmentationRunner):
         return EncodedCase(record.name, image, stats, data.label, data.spatial_shape)
 
     # ------------------------------------------------------------------ context
-    def prepare_context(self, root: Path, k: int, seed: int = 0, labels: Any = None) -> list[LabelContext]:
-        """The context of each label: the first ``k`` cases of a seeded order that hold it.
+    def adapted(
+        self, cases: list[EncodedCase], value: int, steps: int, seed: int
+    ) -> tuple[InContextNCA, ContextStats]:
+        """A copy of the model fine-tuned for ``steps`` steps on the pairs ``cases`` of label ``value``
+        (:func:`ncatool.tasks.incontext.adapt.adapt`), and their stats under its encoder."""
+        from ncatool.tasks.incontext.adapt import adapt
+
+        images = torch.stack([c.image for c in cases]).to(self.device)
+        masks = (
+            torch.stack(
+                [resize_label(torch.from_numpy(c.label == value).long(), self.size) for c in cases]  # type: ignore[operator]
+            )[:, None]
+            .float()
+            .to(self.device)
+        )
+        with autocast(self.device, self.amp):
+            model = adapt(self.model, images, masks, steps, seed=seed)  # type: ignore[arg-type]
+            with torch.no_grad():
+                stats = ContextStats.total(
+                    [
+                        model.pair_stats(images[i : i + 1, None], masks[i : i + 1, None])
+                        for i in range(len(cases))
+                    ]
+                )
+        return model, stats
+
+    def prepare_context(
+        self, root: Path, k: int, seed: int = 0, labels: Any = None, adapt_steps: int = 0
+    ) -> list[LabelContext]:
+        """The context of each label: the first ``k`` cases of a seeded order that hold it (with
+        ``adapt_steps``, and the model fine-tuned on them, see :meth:`adapted`).
 
         Raises:
             NcaError: Bad dataset, unknown label, ``k`` larger than the cases, or fewer than ``k``
@@ -248,12 +279,16 @@ class InContextRunner(SegmentationRunner):
                     f"{len(empty[v]) - 1} other(s) are empty for it",
                     first.label_path,
                 )
-        return [
-            LabelContext(
-                v, names[v], ContextStats.total([c.stats[v] for c in chosen[v]]), [c.name for c in chosen[v]]
-            )
-            for v in wanted
-        ]
+        contexts = []
+        for v in wanted:
+            cases = [c.name for c in chosen[v]]
+            if adapt_steps > 0:
+                model, stats = self.adapted(chosen[v], v, adapt_steps, seed)
+                contexts.append(LabelContext(v, names[v], stats, cases, model))
+            else:
+                stats = ContextStats.total([c.stats[v] for c in chosen[v]])
+                contexts.append(LabelContext(v, names[v], stats, cases))
+        return contexts
 
     # ------------------------------------------------------------------ one query
     def load(self, record: CaseRecord) -> CaseData:
@@ -261,9 +296,11 @@ class InContextRunner(SegmentationRunner):
         self.check_query(record)
         return super().load(record)
 
-    def label_probs(self, query: torch.Tensor, stats: ContextStats) -> torch.Tensor:
-        """Probabilities ``(B, 1, *S)`` of queries at the model's size."""
-        return torch.sigmoid(self.model.segment(query, stats)[0].float())  # type: ignore[operator]
+    def label_probs(
+        self, query: torch.Tensor, stats: ContextStats, model: InContextNCA | None = None
+    ) -> torch.Tensor:
+        """Probabilities ``(B, 1, *S)`` of queries at the model's size (by ``model``: an adapted copy)."""
+        return torch.sigmoid((model or self.model).segment(query, stats)[0].float())  # type: ignore[operator]
 
     def predict_case(
         self, data: CaseData, ensemble: int = 1, native: bool = False, seed: int | None = 0
@@ -278,7 +315,7 @@ class InContextRunner(SegmentationRunner):
         means, stds = [], []
         with torch.no_grad(), autocast(self.device, self.amp):
             for ctx in self.contexts:
-                mean, var = _welford(lambda ctx=ctx: self.label_probs(query, ctx.stats), ensemble)
+                mean, var = _welford(lambda ctx=ctx: self.label_probs(query, ctx.stats, ctx.model), ensemble)
                 means.append(mean)
                 stds.append(var.sqrt() if var is not None else None)
         mean = resize_image(torch.cat(means, dim=1), data.spatial_shape).clamp_(0.0, 1.0)[0]
@@ -313,7 +350,11 @@ class InContextRunner(SegmentationRunner):
             raise NcaError("no input cases found", request.input)
         for record in records:  # every query checked before the (slow) context and any output
             self.check_query(record)
-        self.contexts = self.prepare_context(Path(request.context), k, request.seed, request.labels)
+        if request.adapt_steps < 0:
+            raise NcaError(f"--adapt-steps must be >= 0, got {request.adapt_steps}")
+        self.contexts = self.prepare_context(
+            Path(request.context), k, request.seed, request.labels, request.adapt_steps
+        )
         rows = self.predict_records(
             records, request.output, request.ensemble, False, request.seed, request.on_case, request.format
         )
@@ -324,6 +365,7 @@ class InContextRunner(SegmentationRunner):
             "output": str(request.output),
             "context": str(request.context),
             "context_size": k,
+            "adapt_steps": request.adapt_steps,
             "context_cases": {c.name: c.cases for c in self.contexts},
             "labels": {str(c.value): c.name for c in self.contexts},
             "ensemble": request.ensemble,
@@ -380,25 +422,24 @@ class InContextRunner(SegmentationRunner):
             t0, runs = time.perf_counter(), 0
             rows: dict[str, Any] = {}
             for v in labels:
-                jobs = []
-                for qi, q in enumerate(queries):
-                    pool = [i for i in pools[v] if not (same and i == qi)]
-                    for _ in range(DRAWS):
-                        pick = rng.choice(pool, size=k, replace=False)
-                        jobs.append((q, ContextStats.total([contexts[int(i)].stats[v] for i in pick])))
+                if request.adapt_steps > 0:
+                    groups = self._adapted_draws(contexts, queries, pools[v], same, v, k, request, rng)
+                else:
+                    groups = [(self.model, self._query_draws(contexts, queries, pools[v], same, v, k, rng))]
                 scores, prior_scores = [], []
-                for start in range(0, len(jobs), QUERY_BATCH):
-                    part = jobs[start : start + QUERY_BATCH]
-                    query = torch.stack([q.image for q, _ in part]).to(self.device)
-                    stats = ContextStats.stack([s for _, s in part])
-                    with torch.no_grad(), autocast(self.device, self.amp):
-                        logits, bayes = self.model.segment(query, stats)  # type: ignore[operator]
-                    for (q, _), lo, pr in zip(part, logits.float(), bayes.float(), strict=True):
-                        assert q.label is not None
-                        ref = q.label == v
-                        scores.append(dice(resize_image(lo, q.spatial)[0].cpu().numpy() > 0, ref))
-                        prior_scores.append(dice(resize_image(pr, q.spatial)[0].cpu().numpy() > 0, ref))
-                    runs += len(part)
+                for model, jobs in groups:
+                    for start in range(0, len(jobs), QUERY_BATCH):
+                        part = jobs[start : start + QUERY_BATCH]
+                        query = torch.stack([q.image for q, _ in part]).to(self.device)
+                        stats = ContextStats.stack([s for _, s in part])
+                        with torch.no_grad(), autocast(self.device, self.amp):
+                            logits, bayes = model.segment(query, stats)  # type: ignore[operator]
+                        for (q, _), lo, pr in zip(part, logits.float(), bayes.float(), strict=True):
+                            assert q.label is not None
+                            ref = q.label == v
+                            scores.append(dice(resize_image(lo, q.spatial)[0].cpu().numpy() > 0, ref))
+                            prior_scores.append(dice(resize_image(pr, q.spatial)[0].cpu().numpy() > 0, ref))
+                        runs += len(part)
                 rows[str(v)] = {
                     "name": names[v],
                     "dice": nanmean(scores),
@@ -422,6 +463,7 @@ class InContextRunner(SegmentationRunner):
             "split": "test" if not same else "all",
             "queries": len(queries),
             "draws": DRAWS,
+            "adapt_steps": request.adapt_steps,
             "seed": request.seed,
             "labels": {str(v): names[v] for v in labels},
             "context_size": per_k,
@@ -431,6 +473,53 @@ class InContextRunner(SegmentationRunner):
             write_scores(summary, request.output)
         return summary
 
+    @staticmethod
+    def _query_draws(
+        contexts: list[EncodedCase],
+        queries: list[EncodedCase],
+        pool: list[int],
+        same: bool,
+        value: int,
+        k: int,
+        rng: np.random.Generator,
+    ) -> list[tuple[EncodedCase, ContextStats]]:
+        """Every query with ``DRAWS`` random contexts of ``k`` cases of ``pool`` (never itself)."""
+        jobs = []
+        for qi, q in enumerate(queries):
+            others = [i for i in pool if not (same and i == qi)]
+            for _ in range(DRAWS):
+                pick = rng.choice(others, size=k, replace=False)
+                jobs.append((q, ContextStats.total([contexts[int(i)].stats[value] for i in pick])))
+        return jobs
+
+    def _adapted_draws(
+        self,
+        contexts: list[EncodedCase],
+        queries: list[EncodedCase],
+        pool: list[int],
+        same: bool,
+        value: int,
+        k: int,
+        request: EvalRequest,
+        rng: np.random.Generator,
+    ) -> list[tuple[InContextNCA, list[tuple[EncodedCase, ContextStats]]]]:
+        """``--adapt-steps``: ``DRAWS`` random contexts of ``k`` cases of ``pool``, the model adapted to
+        each (one fine-tuning per draw, not per query: it costs seconds), and every query that is not
+        in the draw scored with it."""
+        groups = []
+        for d in range(DRAWS):
+            pick = [int(i) for i in rng.choice(pool, size=k, replace=False)]
+            model, stats = self.adapted(
+                [contexts[i] for i in pick], value, request.adapt_steps, request.seed + d
+            )
+            jobs = [(q, stats) for qi, q in enumerate(queries) if not (same and qi in pick)]
+            groups.append((model, jobs))
+        return groups
+
     def animation(self, request: AnimateRequest) -> Any:
-        """Not available for in-context checkpoints (a frame needs a context: not an animate option)."""
-        raise NcaError(f"ncatool animate does not support {self.task} checkpoints (they need a --context)")
+        """Every NCA step of one query with the label map of the context's labels: an
+        :class:`~ncatool.tasks.incontext.animation.InContextSource` for ``--context DATASET
+        [--context-size K] [--labels ...] --input QUERY`` (see :mod:`.animation`)."""
+        from ncatool.tasks.incontext.animation import load_incontext_source
+
+        return load_incontext_source(self, request)

@@ -412,7 +412,7 @@ class SegmentationRunner:
         """``ncatool predict``: segment every case of ``request.input`` into ``request.output``."""
         from ncatool.predict import discover_cases
 
-        request.refuse(self.task, "samples", "labels", "steps", "context", "context_size")
+        request.refuse(self.task, "samples", "labels", "steps", "context", "context_size", "adapt_steps")
         if request.ensemble < 1:
             raise NcaError(f"--ensemble must be >= 1, got {request.ensemble}")
         if request.input is None:
@@ -497,7 +497,7 @@ class SegmentationRunner:
         from ncatool.data.loading import NnUNetDataset
         from ncatool.evaluate import EvalPair, evaluate_pairs, write_outputs
 
-        request.refuse(self.task, "context_size")
+        request.refuse(self.task, "context_size", "adapt_steps")
         data = (
             request.data
             if request.data is not None
