@@ -149,8 +149,9 @@ class InContextSource:
 
     def panel_names(self) -> list[str]:
         """3D: each panel's plane and slice number in the query's voxels (as ``--slice`` takes them)."""
-        shape = self.info.get("input_shape")
-        return self.view.names(self.full_size, shape if shape and len(shape) == 3 else None)
+        from ncatool.tasks.segmentation.animation import panel_names
+
+        return panel_names(self.view, self.full_size, self.info)
 
     def label(self, step: int) -> str:
         text = f"step {step}/{self.total_steps}"

@@ -88,8 +88,7 @@ class SegSource:
 
     def panel_names(self) -> list[str]:
         """3D: each panel's plane and slice number in the input's voxels (as ``--slice`` takes them)."""
-        shape = self.info.get("input_shape")
-        return self.view.names(self.full_size, shape if shape and len(shape) == 3 else None)
+        return panel_names(self.view, self.full_size, self.info)
 
     def label(self, step: int) -> str:
         text = f"step {step}/{self.total_steps}"
@@ -164,6 +163,13 @@ class SegSource:
             "view": None if self.dim == 2 else {k: getattr(self.view, k) for k in ("mode", "axis", "index")},
             "panels": None if self.dim == 2 else self.panel_names(),
         }
+
+
+def panel_names(view: VolumeView, full_size: tuple[int, ...], info: dict[str, Any]) -> list[str]:
+    """3D: each panel's plane and slice number in the input's voxels (``info["input_shape"]``), as
+    ``--slice`` takes them (the segmentation and in-context sources)."""
+    shape = info.get("input_shape")
+    return view.names(full_size, shape if shape and len(shape) == 3 else None)
 
 
 def seg_record(spec: str | Path) -> Any:
