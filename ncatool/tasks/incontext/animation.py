@@ -29,6 +29,7 @@ import torch
 from ncatool.animate import StepCallback, check_hidden, parse_steps
 from ncatool.errors import NcaError
 from ncatool.runtime import AnimateRequest, autocast
+from ncatool.tasks.incontext.runner import label_map
 from ncatool.viz.colour import OVERLAYS, gray_to_rgb, hidden_tiles, overlay_probs, window
 from ncatool.viz.grid import HIDDEN_PER_ROW, TILES_PER_ROW_2D, in_rows, tile_grid, upscale
 from ncatool.viz.text import titled
@@ -36,24 +37,6 @@ from ncatool.viz.volume import VolumeView, foreground_slices, take_slice
 
 if TYPE_CHECKING:
     from ncatool.tasks.incontext.runner import InContextRunner, LabelContext
-
-
-def label_map(probs: torch.Tensor, values: tuple[int, ...]) -> torch.Tensor:
-    """Per voxel the value of the label with the highest probability above 0.5, else 0.
-
-    The rule and the operations of :meth:`InContextRunner.predict_case`, so equal probabilities give
-    equal maps.
-
-    Args:
-        probs: ``(L, *S)`` probabilities, one channel per label.
-        values: The L label values.
-
-    Returns:
-        ``(*S)`` int64 label values.
-    """
-    table = torch.tensor([0, *values], device=probs.device)
-    best, idx = probs.max(dim=0)
-    return table[torch.where(best > 0.5, idx + 1, torch.zeros_like(idx))]
 
 
 def by_value(probs: np.ndarray, values: tuple[int, ...]) -> np.ndarray:

@@ -75,6 +75,23 @@ def header_shape(record: CaseRecord) -> tuple[int, int]:
     return channels, dim
 
 
+def label_map(probs: torch.Tensor, values: tuple[int, ...]) -> torch.Tensor:
+    """Per voxel the value of the label with the highest probability above 0.5, else 0.
+
+    The one rule of ``predict`` and ``animate`` (so equal probabilities give equal maps).
+
+    Args:
+        probs: ``(L, *S)`` probabilities, one channel per label.
+        values: The L label values.
+
+    Returns:
+        ``(*S)`` int64 label values.
+    """
+    table = torch.tensor([0, *values], device=probs.device)
+    best, idx = probs.max(dim=0)
+    return table[torch.where(best > 0.5, idx + 1, torch.zeros_like(idx))]
+
+
 class InContextRunner(SegmentationRunner):
     """A trained in-context NCA with the preprocessing of its run.
 
@@ -319,16 +336,15 @@ class InContextRunner(SegmentationRunner):
                 means.append(mean)
                 stds.append(var.sqrt() if var is not None else None)
         mean = resize_image(torch.cat(means, dim=1), data.spatial_shape).clamp_(0.0, 1.0)[0]
-        values = torch.tensor([0, *(c.value for c in self.contexts)])
-        best, idx = mean.max(dim=0)
-        labels = values[torch.where(best > 0.5, idx + 1, torch.zeros_like(idx))].numpy()
+        values = tuple(c.value for c in self.contexts)
+        labels = label_map(mean, values).cpu().numpy()
         std = quality = None
         if ensemble > 1:
             std_small = torch.cat([s for s in stds if s is not None], dim=1)
             std = resize_image(std_small, data.spatial_shape)[0].clamp_(min=0.0).sum(0).numpy()
             total = float(torch.cat(means, dim=1).sum())
             quality = float(std_small.sum()) / total if total > 0 else 0.0
-        dtype = np.uint8 if int(values.max()) < 256 else np.uint16
+        dtype = np.uint8 if max(values) < 256 else np.uint16
         return CasePrediction(data.name, labels.astype(dtype), mean.cpu().numpy(), std, quality)
 
     def predict(self, request: PredictRequest) -> dict[str, Any]:
