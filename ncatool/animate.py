@@ -140,11 +140,7 @@ def load_source(checkpoint: str | Path, request: AnimateRequest, device: str = "
     """
     from ncatool.runtime import load
 
-    runner = load(checkpoint, device)
-    if not hasattr(runner, "prepare_context"):
-        # only a runner that can build a context takes one; the others never look at these options
-        request.refuse(runner.task, "context", "context_size", "labels")
-    return runner.animation(request)
+    return load(checkpoint, device).animation(request)
 
 
 def auto_scale(source: Source) -> int:

@@ -154,7 +154,9 @@ class GenerationRunner:
         """
         from ncatool.animate import check_hidden, parse_steps
 
-        request.refuse(self.task, "input", "axis", "slice_index", "montage")
+        request.refuse(
+            self.task, "input", "axis", "slice_index", "montage", "context", "context_size", "labels"
+        )
         if request.overlay != "mask":
             raise NcaError(f"--overlay applies to segmentation checkpoints, not to {self.task}")
         nca, x, cond, facts = self.animation_start()

@@ -12,8 +12,8 @@ context alone, the same episodes training draws:
 * every image is flipped at random along each axis and half of the episodes get a new contrast
   (:func:`ncatool.tasks.incontext.episodes.episode_tensors`), so a copied mask does not fit and the
   adapted model keeps reading the task from the context;
-* the loss is training's (segmentation loss on the output plus ``aux_weight`` × BCE on the Bayes
-  prior).
+* the loss is the run's (:func:`ncatool.tasks.incontext.task.episode_loss`: its segmentation loss
+  on the output plus ``aux_weight`` × BCE on the Bayes prior).
 
 The model is copied: the meta-trained weights stay as they are, and each task gets its own copy.
 """
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ncatool.losses import make_seg_loss
 from ncatool.models.incontext import InContextNCA
 from ncatool.tasks.incontext.episodes import Episode, LoadedDataset, Task, episode_tensors
+from ncatool.tasks.incontext.task import episode_loss
 
 #: Learning rate of the adaptation (Adam): stage 2's default (0.2 × 2e-3) doubled.
 ADAPT_LR = 1e-3
@@ -105,9 +105,7 @@ def adapt(
         episodes = leave_one_out(images.shape[0], rng, batch)
         query, qmask, context, cmasks = (t.to(device) for t in episode_tensors(data, episodes, rng))
         logits, bayes = tuned(query, context, cmasks)
-        value = loss_fn(logits.float(), qmask) + aux_weight * F.binary_cross_entropy_with_logits(
-            bayes.float(), qmask
-        )
+        value, _ = episode_loss(loss_fn, logits, bayes, qmask, aux_weight)
         opt.zero_grad(set_to_none=True)
         value.backward()
         opt.step()

@@ -231,7 +231,8 @@ class InContextRunner(SegmentationRunner):
         self, cases: list[EncodedCase], value: int, steps: int, seed: int
     ) -> tuple[InContextNCA, ContextStats]:
         """A copy of the model fine-tuned for ``steps`` steps on the pairs ``cases`` of label ``value``
-        (:func:`ncatool.tasks.incontext.adapt.adapt`), and their stats under its encoder."""
+        (:func:`ncatool.tasks.incontext.adapt.adapt`, with the run's loss), and their stats under its
+        encoder."""
         from ncatool.tasks.incontext.adapt import adapt
 
         images = torch.stack([c.image for c in cases]).to(self.device)
@@ -243,14 +244,10 @@ class InContextRunner(SegmentationRunner):
             .to(self.device)
         )
         with autocast(self.device, self.amp):
-            model = adapt(self.model, images, masks, steps, seed=seed)  # type: ignore[arg-type]
+            loss = {"loss": self.config.loss, "aux_weight": float(self.config.aux_weight)}
+            model = adapt(self.model, images, masks, steps, seed=seed, **loss)  # type: ignore[arg-type]
             with torch.no_grad():
-                stats = ContextStats.total(
-                    [
-                        model.pair_stats(images[i : i + 1, None], masks[i : i + 1, None])
-                        for i in range(len(cases))
-                    ]
-                )
+                stats = model.pair_stats(images[None], masks[None])  # the k pairs as one batch entry
         return model, stats
 
     def prepare_context(

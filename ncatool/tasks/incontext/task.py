@@ -189,6 +189,15 @@ def data_config(cfg: Any) -> Any:
     )
 
 
+def episode_loss(
+    seg_loss: Any, logits: torch.Tensor, bayes: torch.Tensor, masks: torch.Tensor, aux_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The in-context loss of a batch (training and :mod:`.adapt`): ``seg_loss`` on the NCA's logits
+    plus ``aux_weight`` × BCE on the Bayes prior, all ``(B, 1, *S)``; returns ``(loss, bce)``."""
+    aux = F.binary_cross_entropy_with_logits(bayes.float(), masks)
+    return seg_loss(logits.float(), masks) + aux_weight * aux, aux
+
+
 def episode_dice(logits: torch.Tensor, masks: torch.Tensor) -> list[float]:
     """Dice of each episode's thresholded logits ``(B, 1, *S)`` against its mask (NaN rule of
     :func:`ncatool.metrics.dice`)."""
@@ -297,9 +306,8 @@ class InContextTask:
         logits, bayes = model(
             query, context, cmasks, chunk=self.chunk, checkpoint_every=self.config.grad_checkpoint
         )
-        seg = self.loss_fn(logits.float(), qmask)
-        aux = F.binary_cross_entropy_with_logits(bayes.float(), qmask)
-        return seg + self.config.aux_weight * aux, {"aux": float(aux.detach()), "k": float(context.shape[1])}
+        loss, aux = episode_loss(self.loss_fn, logits, bayes, qmask, self.config.aux_weight)
+        return loss, {"aux": float(aux.detach()), "k": float(context.shape[1])}
 
     # ------------------------------------------------------------------ validation
     def _run(self, model: nn.Module, episodes: list[Episode]) -> tuple[list[float], list[float], list[Any]]:

@@ -237,6 +237,7 @@ def load_seg_source(runner: SegmentationRunner, request: AnimateRequest) -> SegS
     """
     from ncatool.data.transforms import resize_image
 
+    request.refuse(runner.task, "context", "context_size", "labels")
     request.refuse(runner.task, "damage", "damage_at", "damage_center", "damage_radius")
     if request.input is None:
         raise NcaError(f"--input is required to animate a {runner.task} checkpoint (an image to segment)")
